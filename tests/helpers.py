@@ -1,0 +1,79 @@
+"""Shared test harness: one ZOPrO step with every intermediate weight captured."""
+
+from __future__ import annotations
+
+import torch
+
+from zopro_kernels import ZOPrO
+from zopro_kernels.reference import reference_direction
+from zopro_kernels.seeds import step_seed
+
+SHAPES = {
+    "one": [(1,)],
+    "odd": [(3, 5), (1,), (1000,), (7, 300)],
+    "many-tiny": [(2,)] * 100 + [(3, 1)] * 100 + [(4099,)],
+}
+
+
+def random_tensors(shapes, dtype, device, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(scale * torch.randn(s, generator=gen, dtype=torch.float64)).to(dtype).to(device) for s in shapes]
+
+
+def starts_of(shapes):
+    starts, cursor = [], 0
+    for s in shapes:
+        starts.append(cursor)
+        cursor += int(torch.Size(s).numel())
+    return starts
+
+
+def guidance(shapes, kind, device, dtype=torch.float32):
+    """Δπ and ΔR for the guidance ``kind``: none, reward, policy, both or zeros."""
+    dpi = random_tensors(shapes, dtype, device, seed=101, scale=0.3)
+    dr = random_tensors(shapes, dtype, device, seed=202)
+    # Give Δπ a component along ΔR, so projecting it out matters.
+    dpi = [(p.double() + 0.5 * r.double()).to(dtype) for p, r in zip(dpi, dr)]
+    zeros = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+    return {
+        "none": (None, None),
+        "reward": (None, dr),
+        "policy": (dpi, None),
+        "both": (dpi, dr),
+        "zeros": (zeros, zeros),
+    }[kind]
+
+
+def captured_step(backend, device, dtype, shapes, *, granularity="tensor", kind="both", alpha=0.6,
+                  eps=1e-2, lr=0.0, weight_decay=0.0, init_scale=1.0, seed=11):
+    """Run one step; return (initial θ, [θ at J₊, θ at J₋, θ after], (J₊, J₋), reference z)."""
+    params = random_tensors(shapes, dtype, device, seed=7, scale=init_scale)
+    initial = [p.clone() for p in params]
+    opt = ZOPrO(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, alpha=alpha,
+                granularity=granularity, backend=backend)
+    dpi, dr = guidance(shapes, kind, device)
+    opt.set_guidance(policy_delta=dpi, reward_delta=dr)
+    seen, losses = [], []
+
+    def closure():
+        seen.append([p.clone() for p in params])
+        loss = sum((p.double() - 0.25).square().sum() for p in params)
+        losses.append(float(loss))
+        return loss
+
+    opt.step(closure)
+    seen.append([p.clone() for p in params])
+    z = reference_direction(step_seed(seed, 0), starts_of(shapes), [torch.Size(s) for s in shapes],
+                            dpi, dr, alpha, granularity)
+    return initial, seen, losses, z
+
+
+def assert_dtype_close(got, expected, dtype):
+    """``got`` (a kernel's result in ``dtype``) vs the float64 ``expected``: the error must be within
+    2x of what plain PyTorch gets by rounding ``expected`` through fp32 into ``dtype``."""
+    expected = expected.double().cpu()
+    plain = expected.float().to(dtype).double()
+    plain_error = (plain - expected).abs().max().item()
+    error = (got.double().cpu() - expected).abs().max().item()
+    slack = 1e-6 * max(1.0, expected.abs().max().item())  # fp32 arithmetic inside the pass
+    assert error <= 2 * plain_error + slack, (error, plain_error)

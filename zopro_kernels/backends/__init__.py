@@ -1,0 +1,74 @@
+"""Backends implement one op, the ZO pass (see ``zo_pass`` in each module), plus noise.
+
+``torch``  : the reference, per tensor, float64 capable, any device.
+``triton`` : one launch per pass over all tensors (GPU; CPU under TRITON_INTERPRET=1).
+``cuda``   : compiled kernels from csrc/ (not part of this build yet).
+``auto``   : triton for CUDA tensors when Triton is installed, else torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton backend cannot run tensors of this device and dtype (None if it can)."""
+    if dtype == torch.float64:
+        return "the Triton kernels take fp32/bf16/fp16 parameters (float64 uses backend='torch')"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (pip install triton)"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda":
+        if interpreted:
+            return "TRITON_INTERPRET=1 is set: interpreted Triton runs CPU tensors only"
+        return None
+    if device.type == "cpu":
+        if interpreted:
+            return None
+        return "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1; slow, for tests)"
+    return f"Triton has no support for device {device}"
+
+
+def cuda_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    return "the compiled CUDA library is not part of this build yet; use 'triton' or 'torch'"
+
+
+def available_backends(device="cuda", dtype=torch.float32) -> list[str]:
+    """Backends that can run parameters of ``device`` and ``dtype`` here."""
+    device = torch.device(device)
+    found = ["torch"]
+    if triton_unavailable_reason(device, dtype) is None:
+        found.append("triton")
+    if cuda_unavailable_reason(device, dtype) is None:
+        found.append("cuda")
+    return found
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype):
+    """The backend object for parameters of ``device``/``dtype``; a clear error if it can't run."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda" and triton_unavailable_reason(device, dtype) is None:
+            name = "triton"
+        else:
+            name = "torch"
+    reason = {
+        "triton": triton_unavailable_reason,
+        "cuda": cuda_unavailable_reason,
+    }.get(name, lambda *_: None)(device, dtype)
+    if reason is not None:
+        raise RuntimeError(f"backend={name!r} cannot run {dtype} parameters on {device}: {reason}")
+    if name == "triton":
+        from .triton_backend import TritonBackend
+
+        return TritonBackend()
+    from .torch_backend import TorchBackend
+
+    return TorchBackend()

@@ -1,0 +1,381 @@
+"""``ZOPrO``: zeroth-order preference optimisation as a ``torch.optim.Optimizer``.
+
+Each ``step(closure)`` is two-sided SPSA along the ZOPrO direction z (eq. 2, ``direction.py``):
+
+    θ₀ + εz → J₊ = closure();  θ₀ − εz → J₋ = closure()
+    g = (J₊ − J₋) / 2ε;        θ₀ ← θ₀ − η (g z + λ θ₀)
+
+Without guidance z is Gaussian noise and this is plain SPSA (MeZO).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .alpha import AlphaSchedule, alpha_at, needs_iteration_length, validate_alpha
+from .backends import BACKENDS
+from .direction import GRANULARITIES
+from .engine import ZOEngine
+from .parameter_set import build_parameter_sets, describe, validate_parameter
+from .philox import check_seed
+from .seeds import step_seed
+
+STATE_FORMAT = 1
+_ARENAS = ("master", "policy_delta", "reward_delta", "snapshot")
+
+
+class ZOPrO(torch.optim.Optimizer):
+    """Zeroth-order optimizer with ZOPrO's guided perturbations.
+
+    Args:
+        params: tensors, param-group dicts, or ``model.named_parameters()`` (names let
+            ``set_guidance`` take dicts keyed by parameter name).
+        lr: learning rate η.  eps: perturbation size ε.  weight_decay: λ (decoupled from g).
+        seed: base seed; step k uses ``step_seed(seed, k)``.
+        alpha: "linear" (1−1e-3 → 0 over ``steps_per_iteration``), "exp", "constant",
+            a float in [0, 1], or a callable ``step_in_iteration -> float``.
+        steps_per_iteration: length of an iteration, for the "linear" and "exp" schedules.
+        granularity: "tensor" (projection and ‖Δπ‖ rescale per tensor, as the authors'
+            implementation and the paper's numbers) or "global" (over the whole vector, as eq. 2 is written).
+        backend: "auto", "torch", "triton" or "cuda".
+        master_weights: keep an fp32 master copy so ±εz restores weights bit for bit (default).
+            ``False`` perturbs the model's tensors in place: less memory, but 16-bit weights drift.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        eps: float = 1e-5,
+        *,
+        seed: int = 0,
+        weight_decay: float = 0.0,
+        alpha: AlphaSchedule = "linear",
+        steps_per_iteration: int | None = None,
+        granularity: str = "tensor",
+        backend: str = "auto",
+        master_weights: bool = True,
+    ):
+        check_seed(seed)
+        validate_alpha(alpha)
+        if steps_per_iteration is not None and (
+            isinstance(steps_per_iteration, bool)
+            or not isinstance(steps_per_iteration, int)
+            or steps_per_iteration < 1
+        ):
+            raise ValueError(f"steps_per_iteration must be a positive int, got {steps_per_iteration!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self._engine = None
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        self.seed = seed
+        self.alpha = alpha
+        self.steps_per_iteration = steps_per_iteration
+        self.granularity = granularity
+        self.backend = backend
+        self.master_weights = bool(master_weights)
+        self.global_step = 0
+        self.iteration_step = 0
+        self._nonfinite_steps = 0
+        self._nonfinite_pending = []  # device booleans not yet folded into the count
+        self._hyper_cache = None
+        self.last_step: dict = {}
+
+    # ---- torch.optim plumbing ---------------------------------------------------------------
+    def add_param_group(self, param_group):
+        if getattr(self, "_engine", None) is not None:
+            raise RuntimeError("ZOPrO cannot take new parameter groups after its first use; "
+                               "create it with all groups")
+        for key, low, strict in (("lr", 0.0, False), ("eps", 0.0, True), ("weight_decay", 0.0, False)):
+            value = param_group.get(key, self.defaults[key])
+            if not isinstance(value, (int, float, torch.Tensor)) or not math.isfinite(float(value)) or (
+                float(value) <= low if strict else float(value) < low
+            ):
+                bound = "> 0" if strict else ">= 0"
+                raise ValueError(f"{key} must be a finite number {bound}, got {value!r}")
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("eps", 1e-5)
+            group.setdefault("weight_decay", 0.0)
+
+    def _flat_parameters(self):
+        params, names = [], []
+        for group in self.param_groups:
+            group_names = group.get("param_names") or [None] * len(group["params"])
+            params.extend(group["params"])
+            names.extend(group_names)
+        return params, names
+
+    def _ensure_engine(self) -> ZOEngine:
+        if self._engine is None:
+            params, names = self._flat_parameters()
+            for i, (p, name) in enumerate(zip(params, names)):
+                validate_parameter(p, name, i)
+            sets = build_parameter_sets(params, names, self.master_weights)
+            self._engine = ZOEngine(sets, self.backend, self.granularity)
+            self._group_index = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        else:
+            self._engine.check_unmoved()
+        return self._engine
+
+    def _hyperparameters(self):
+        """Per set: [T] float64 vectors of (lr, eps, weight_decay), rebuilt when a group changes."""
+        key = tuple((float(g["lr"]), float(g["eps"]), float(g["weight_decay"])) for g in self.param_groups)
+        if self._hyper_cache is None or self._hyper_cache[0] != key:
+            vectors = []
+            for s in self._engine.sets:
+                rows = [key[self._group_index[i]] for i in s.indices]
+                table = torch.tensor(rows, dtype=torch.float64, device=s.device)
+                vectors.append(table.unbind(dim=1))
+            self._hyper_cache = (key, vectors)
+        return self._hyper_cache[1]
+
+    # ---- the step --------------------------------------------------------------------------
+    def current_alpha(self) -> float:
+        """α for the next step (meaningful once Δπ is set)."""
+        return alpha_at(self.alpha, self.iteration_step, self.steps_per_iteration)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One ZO step. ``closure`` re-evaluates the model and returns the loss (a scalar tensor or
+        float); it is called twice, at θ+εz and θ−εz, under ``torch.no_grad()``. Returns the mean
+        of the two losses. A non-finite loss skips the update and leaves the weights as they were
+        (bit for bit with master weights); ``nonfinite_steps`` counts such steps."""
+        if closure is None:
+            raise RuntimeError(
+                "ZOPrO.step needs a closure: step(lambda: loss_fn(model(x), y)). It is called at "
+                "θ+εz and θ−εz and must return the loss."
+            )
+        engine = self._ensure_engine()
+        seed = step_seed(self.seed, self.global_step)
+        alpha = self.current_alpha() if engine.has_policy else 0.0
+        use_policy = engine.has_policy and alpha != 0.0
+        coefs = engine.coefficients(seed, alpha)
+        hyper = self._hyperparameters()
+        eps = [h[1] for h in hyper]
+        ones = [torch.ones_like(e) for e in eps]
+        apply = lambda scales, keeps, **kw: engine.apply_(  # noqa: E731
+            seed, coefs, scales, keeps, use_policy=use_policy, **kw
+        )
+
+        apply(eps, ones, write_master=False)
+        loss_plus = self._loss_value(closure(), "θ+εz")
+        second = [-e for e in eps] if self.master_weights else [-2 * e for e in eps]
+        apply(second, ones, write_master=False)
+        loss_minus = self._loss_value(closure(), "θ−εz")
+
+        loss_minus = loss_minus.to(loss_plus.device)
+        finite = torch.isfinite(loss_plus) & torch.isfinite(loss_minus)
+        half_difference = torch.where(finite, (loss_plus - loss_minus) / 2, 0.0)
+        scales, keeps = [], []
+        for s, (lr, eps_t, wd) in zip(engine.sets, hyper):
+            ok = finite.to(s.device)
+            grad = half_difference.to(s.device) / eps_t  # g per tensor: (J₊ − J₋) / 2ε
+            keep = torch.where(ok, 1.0 - lr * wd, 1.0)
+            if self.master_weights:
+                scales.append(torch.where(ok, -lr * grad, 0.0))
+            else:  # from θ₀ − εz: θ₀(1 − ηλ) − ηg z = keep·θ + (ε·keep − ηg) z
+                scales.append(torch.where(ok, eps_t * keep - lr * grad, eps_t))
+            keeps.append(keep)
+        next_seed = step_seed(self.seed, self.global_step + 1) if engine.wants_statistics() else None
+        apply(scales, keeps, write_master=True, next_seed=next_seed)
+
+        self._nonfinite_pending.append(~finite)
+        self.last_step = {
+            "seed": seed,
+            "alpha": alpha,
+            "loss_plus": loss_plus,
+            "loss_minus": loss_minus,
+            "projected_grad": half_difference / float(self.param_groups[0]["eps"]),
+        }
+        self.global_step += 1
+        self.iteration_step += 1
+        return (loss_plus + loss_minus) / 2
+
+    @staticmethod
+    def _loss_value(loss, where: str) -> torch.Tensor:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"the closure must return a scalar loss; got shape {tuple(loss.shape)} at {where}")
+            return loss.detach().reshape(()).to(torch.float64)
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.tensor(float(loss), dtype=torch.float64)
+        raise TypeError(f"the closure must return a tensor or a float, got {type(loss).__name__} at {where}")
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps whose loss was NaN/inf and whose update was skipped."""
+        if self._nonfinite_pending:
+            self._nonfinite_steps += int(sum(int(b) for b in self._nonfinite_pending))
+            self._nonfinite_pending = []
+        return self._nonfinite_steps
+
+    # ---- guidance --------------------------------------------------------------------------
+    def set_guidance(self, policy_delta=None, reward_delta=None):
+        """Set Δπ (the policy's last update) and/or ΔR (the reward model's last update).
+
+        Each is a list aligned with the parameters (None entries: zero) or a dict keyed by
+        parameter name (missing names: zero). An argument left as None is unchanged; use
+        ``clear_guidance`` to drop guidance. Values are copied (master dtype)."""
+        engine = self._ensure_engine()
+        if policy_delta is not None:
+            aligned = self._align(policy_delta, "policy_delta")
+            self._require_iteration_length()
+            for s in engine.sets:
+                self._store(s, "policy_delta", [aligned[i] for i in s.indices])
+        if reward_delta is not None:
+            aligned = self._align(reward_delta, "reward_delta")
+            for s in engine.sets:
+                self._store(s, "reward_delta", [aligned[i] for i in s.indices])
+            engine.guidance_changed()
+
+    def clear_guidance(self):
+        """Forget Δπ and ΔR: the next steps are plain SPSA."""
+        engine = self._ensure_engine()
+        for s in engine.sets:
+            self._store(s, "policy_delta", [None] * len(s))
+            self._store(s, "reward_delta", [None] * len(s))
+        engine.guidance_changed()
+
+    def mark_iteration(self):
+        """End an iteration: Δπ ← θ − θ at the previous mark (the first call only records θ),
+        and α restarts. Call it once before training and after each iteration."""
+        engine = self._ensure_engine()
+        forms_delta = all(s.snapshot is not None for s in engine.sets)
+        if forms_delta:
+            self._require_iteration_length()
+        for s in engine.sets:
+            current = s.current_values()
+            if forms_delta:
+                s.policy_delta = current - s.snapshot
+                s.policy_sq = s.squared_norms(s.policy_delta)
+            s.snapshot = current.clone()
+        self.iteration_step = 0
+
+    def sync_from_model(self):
+        """Re-read the parameters after they were changed or moved outside the optimizer
+        (e.g. ``model.load_state_dict``): the master copy is overwritten by the model's values."""
+        engine = self._ensure_engine() if self._engine is None else self._engine
+        for s in engine.sets:
+            s.sync_from_model()
+
+    def _require_iteration_length(self):
+        if needs_iteration_length(self.alpha) and self.steps_per_iteration is None:
+            raise ValueError(
+                f"alpha={self.alpha!r} decays over an iteration: pass steps_per_iteration=... to "
+                "ZOPrO, or use alpha='constant', a float or a callable"
+            )
+
+    def _align(self, deltas, what: str) -> list:
+        params, names = self._flat_parameters()
+        if isinstance(deltas, dict):
+            if any(n is None for n in names):
+                raise ValueError(f"{what} is a dict, but the parameters have no names: "
+                                 "create ZOPrO with model.named_parameters()")
+            position = {n: i for i, n in enumerate(names)}
+            unknown = [k for k in deltas if k not in position]
+            if unknown:
+                raise ValueError(f"{what} names unknown parameters: {unknown[:5]}")
+            aligned = [None] * len(params)
+            for k, v in deltas.items():
+                aligned[position[k]] = v
+        elif isinstance(deltas, (list, tuple)):
+            if len(deltas) != len(params):
+                raise ValueError(f"{what} has {len(deltas)} entries for {len(params)} parameters")
+            aligned = list(deltas)
+        else:
+            raise TypeError(f"{what} must be a list or a dict of tensors, got {type(deltas).__name__}")
+        for i, (p, d) in enumerate(zip(params, aligned)):
+            if d is None:
+                continue
+            where = f"{what} for {describe(names[i], i)}"
+            if not isinstance(d, torch.Tensor):
+                raise ValueError(f"{where} is a {type(d).__name__}, not a tensor")
+            if d.shape != p.shape:
+                raise ValueError(f"{where} has shape {tuple(d.shape)}, expected {tuple(p.shape)}")
+            allowed = {p.dtype, torch.float32 if p.dtype != torch.float64 else torch.float64}
+            if d.dtype not in allowed:
+                raise ValueError(f"{where} has dtype {d.dtype}, expected one of {sorted(map(str, allowed))}")
+            if d.device != p.device:
+                raise ValueError(f"{where} is on {d.device}, the parameter on {p.device}")
+            if not bool(torch.isfinite(d).all()):
+                raise ValueError(f"{where} has NaN or infinite values")
+        return aligned
+
+    @staticmethod
+    def _store(s, key: str, tensors: list):
+        arena = None if all(t is None for t in tensors) else s.flatten(tensors)
+        setattr(s, key, arena)
+        norm_key = {"policy_delta": "policy_sq", "reward_delta": "reward_sq"}.get(key)
+        if norm_key:
+            setattr(s, norm_key, None if arena is None else s.squared_norms(arena))
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self):
+        """torch.optim layout plus the master weights, guidance and snapshot per parameter
+        (cloned) and, under "zopro", the run position: a resumed run continues bit for bit."""
+        engine = self._ensure_engine()
+        sd = super().state_dict()
+        state = {}
+        for s in engine.sets:
+            for key in _ARENAS:
+                arena = getattr(s, key)
+                if arena is None:
+                    continue
+                for t, view in enumerate(s.views(arena)):
+                    state.setdefault(s.indices[t], {})[key] = view.view_as(s.params[t]).clone()
+        sd["state"] = state
+        sd["zopro"] = {
+            "format": STATE_FORMAT,
+            "seed": self.seed,
+            "global_step": self.global_step,
+            "iteration_step": self.iteration_step,
+            "nonfinite_steps": self.nonfinite_steps,
+            "granularity": self.granularity,
+            "master_weights": self.master_weights,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict):
+        if "zopro" not in state_dict:
+            raise ValueError("not a ZOPrO state dict (no 'zopro' entry)")
+        run = state_dict["zopro"]
+        if run.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported ZOPrO state format {run.get('format')!r}")
+        engine = self._ensure_engine()
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        state = state_dict.get("state", {})
+        params, names = self._flat_parameters()
+        for i, entry in state.items():
+            for key, value in entry.items():
+                if key in _ARENAS and tuple(value.shape) != tuple(params[i].shape):
+                    raise ValueError(f"state {key!r} for {describe(names[i], i)} has shape "
+                                     f"{tuple(value.shape)}, expected {tuple(params[i].shape)}")
+        for s in engine.sets:
+            for key in _ARENAS:
+                saved = [state.get(i, {}).get(key) for i in s.indices]
+                if key == "master":
+                    if all(v is None for v in saved):
+                        continue  # saved without master weights: keep ours (from the model)
+                    values = [v.to(s.device) for v in saved]
+                    if s.master is not None:
+                        for view, v in zip(s.views(s.master), values):
+                            view.copy_(v.reshape(-1))
+                    for p, v in zip(s.params, values):  # the model's tensors follow the master
+                        p.detach().copy_(v)
+                    continue
+                self._store(s, key, [None if v is None else v.to(s.device) for v in saved])
+        engine.guidance_changed()
+        self.seed = run["seed"]
+        self.global_step = run["global_step"]
+        self.iteration_step = run["iteration_step"]
+        self._nonfinite_steps = run["nonfinite_steps"]
+        self._nonfinite_pending = []
+        self._hyper_cache = None
