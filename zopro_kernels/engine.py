@@ -21,6 +21,7 @@ class ZOEngine:
         self.backends = [resolve_backend(backend, s.device, s.dtype) for s in sets]
         self.reward_version = 0
         self._statistics = None  # (seed, reward_version, [per set [T, 2]])
+        self._unguided = None  # z = n: (a, b, c) = (0, 1, 0) for every tensor, made once
 
     # ---- guidance -------------------------------------------------------------------------
     @property
@@ -54,11 +55,12 @@ class ZOEngine:
     def coefficients(self, seed: int, alpha: float) -> list[torch.Tensor]:
         """Per set [T, 3] float64 (a, b, c) with z = a·Δπ + b·n + c·ΔR."""
         if not (self.has_policy or self.has_reward):
-            unguided = [[0.0, 1.0, 0.0]]  # z = n
-            return [
-                torch.tensor(unguided, dtype=torch.float64, device=s.device).expand(len(s), 3)
-                for s in self.sets
-            ]
+            if self._unguided is None:
+                self._unguided = [
+                    torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64, device=s.device).expand(len(s), 3)
+                    for s in self.sets
+                ]
+            return self._unguided
         stats = self.statistics(seed)
         home = self.sets[0].device
         cat = lambda tensors: torch.cat([t.to(home) for t in tensors])  # noqa: E731

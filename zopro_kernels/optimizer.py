@@ -80,8 +80,8 @@ class ZOPrO(torch.optim.Optimizer):
         self.master_weights = bool(master_weights)
         self.global_step = 0
         self.iteration_step = 0
-        self._nonfinite_steps = 0
-        self._nonfinite_pending = []  # device booleans not yet folded into the count
+        self._nonfinite_steps = 0  # folded in from the device-side count when read (no sync per step)
+        self._nonfinite_device = None
         self._hyper_cache = None
         self.last_step: dict = {}
 
@@ -187,7 +187,8 @@ class ZOPrO(torch.optim.Optimizer):
         next_seed = step_seed(self.seed, self.global_step + 1) if engine.wants_statistics() else None
         apply(scales, keeps, write_master=True, next_seed=next_seed)
 
-        self._nonfinite_pending.append(~finite)
+        skipped = (~finite).to(torch.int64)
+        self._nonfinite_device = skipped if self._nonfinite_device is None else self._nonfinite_device + skipped
         self.last_step = {
             "seed": seed,
             "alpha": alpha,
@@ -212,9 +213,9 @@ class ZOPrO(torch.optim.Optimizer):
     @property
     def nonfinite_steps(self) -> int:
         """Steps whose loss was NaN/inf and whose update was skipped."""
-        if self._nonfinite_pending:
-            self._nonfinite_steps += int(sum(int(b) for b in self._nonfinite_pending))
-            self._nonfinite_pending = []
+        if self._nonfinite_device is not None:
+            self._nonfinite_steps += int(self._nonfinite_device)
+            self._nonfinite_device = None
         return self._nonfinite_steps
 
     # ---- guidance --------------------------------------------------------------------------
@@ -377,5 +378,5 @@ class ZOPrO(torch.optim.Optimizer):
         self.global_step = run["global_step"]
         self.iteration_step = run["iteration_step"]
         self._nonfinite_steps = run["nonfinite_steps"]
-        self._nonfinite_pending = []
+        self._nonfinite_device = None
         self._hyper_cache = None

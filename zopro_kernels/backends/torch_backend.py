@@ -49,7 +49,7 @@ class TorchBackend:
                     z = z + a * policy[t]
                 src = master[t] if master is not None else p.detach().reshape(-1).to(compute)
                 out = keep * src + scale * z
-                if write_master:
+                if write_master and master is not None:
                     master[t].copy_(out)
                 p.detach().copy_(out.view_as(p))
             if reduce_seed is not None:
