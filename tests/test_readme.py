@@ -16,7 +16,11 @@ def test_readme_examples_run(tmp_path, monkeypatch, capsys):
     exec(blocks[0], namespace)  # quick start
     assert "step 0: loss" in capsys.readouterr().out
     assert namespace["closure"]().item() < 0.2  # started near 5.2
-    for block in blocks[1:]:
+    exec(blocks[1], namespace)  # guided iterations
+    losses = [float(v) for v in re.findall(r"iteration \d: loss ([0-9.]+)", capsys.readouterr().out)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert namespace["optimizer"].nonfinite_steps == 0
+    for block in blocks[2:]:
         exec(block, namespace)
     optimizer = namespace["optimizer"]
     assert optimizer.global_step == 151
