@@ -3,7 +3,8 @@
 A ZO step is four passes (DESIGN.md §2): reduce (n·n, n·ΔR) → perturb +εz → perturb −εz →
 update, the update also reducing the next step's noise so that reduce is paid once per run.
 The engine owns that structure, the reduce cache and the eq. 2 coefficients; backends only run
-``zo_pass`` over one set.
+``zo_pass`` over one set. Statistics are gathered per parameter (rows of the optimizer's flat
+parameter list), so sharded parameters combine across processes in one small all-reduce.
 """
 
 from __future__ import annotations
@@ -15,26 +16,52 @@ from .direction import per_tensor_coefficients
 
 
 class ZOEngine:
-    def __init__(self, sets, backend: str, granularity: str):
+    def __init__(self, sets, backend: str, granularity: str, *, parameter_count: int, home: torch.device,
+                 sharded: list[bool], communicator=None):
         self.sets = sets
         self.granularity = granularity
         self.backends = [resolve_backend(backend, s.device, s.dtype) for s in sets]
+        self.parameter_count = parameter_count
+        self.home = home
+        self.sharded = torch.tensor(sharded, dtype=torch.bool, device=home)
+        self.communicator = communicator if any(sharded) else None
+        # Whether guidance was given (the same on every process, even one whose shards are empty).
+        self.has_policy = False
+        self.has_reward = False
         self.reward_version = 0
         self._statistics = None  # (seed, reward_version, [per set [T, 2]])
+        self._norms = None  # per parameter (‖ΔR‖², ‖Δπ‖²), float64 [P] each
         self._unguided = None  # z = n: (a, b, c) = (0, 1, 0) for every tensor, made once
 
     # ---- guidance -------------------------------------------------------------------------
-    @property
-    def has_policy(self) -> bool:
-        return any(s.policy_delta is not None for s in self.sets)
+    def guidance_changed(self, *, reward: bool):
+        self._norms = None
+        if reward:
+            self.reward_version += 1
+            self._statistics = None
 
-    @property
-    def has_reward(self) -> bool:
-        return any(s.reward_delta is not None for s in self.sets)
+    def wants_statistics(self) -> bool:
+        return self.has_policy or self.has_reward
 
-    def guidance_changed(self):
-        self.reward_version += 1
-        self._statistics = None
+    def _per_parameter(self, per_set_rows) -> torch.Tensor:
+        """Scatter per-set rows into a float64 table over all parameters; sum shards across processes."""
+        first = next((r for r in per_set_rows if r is not None), None)
+        shape = (self.parameter_count,) + (tuple(first.shape[1:]) if first is not None else ())
+        table = torch.zeros(shape, dtype=torch.float64, device=self.home)
+        for s, rows in zip(self.sets, per_set_rows):
+            if rows is not None:
+                table[torch.tensor(s.indices, device=self.home)] = rows.to(self.home, torch.float64)
+        if self.communicator is not None:
+            table = self.communicator.sum_over_shards(table, self.sharded)
+        return table
+
+    def _guidance_norms(self):
+        if self._norms is None:
+            self._norms = (
+                self._per_parameter([s.reward_sq for s in self.sets]),
+                self._per_parameter([s.policy_sq for s in self.sets]),
+            )
+        return self._norms
 
     # ---- passes ---------------------------------------------------------------------------
     def statistics(self, seed: int):
@@ -44,9 +71,7 @@ class ZOEngine:
         if cached is not None and cached[:2] == (seed, self.reward_version):
             return cached[2]
         stats = [
-            backend.zo_pass(
-                s, seed=seed, coefs=None, write_master=False, use_policy=False, reduce_seed=seed
-            )
+            backend.zo_pass(s, seed=seed, coefs=None, write_master=False, use_policy=False, reduce_seed=seed)
             for s, backend in zip(self.sets, self.backends)
         ]
         self._statistics = (seed, self.reward_version, stats)
@@ -54,22 +79,17 @@ class ZOEngine:
 
     def coefficients(self, seed: int, alpha: float) -> list[torch.Tensor]:
         """Per set [T, 3] float64 (a, b, c) with z = a·Δπ + b·n + c·ΔR."""
-        if not (self.has_policy or self.has_reward):
+        if not self.wants_statistics():
             if self._unguided is None:
                 self._unguided = [
                     torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64, device=s.device).expand(len(s), 3)
                     for s in self.sets
                 ]
             return self._unguided
-        stats = self.statistics(seed)
-        home = self.sets[0].device
-        cat = lambda tensors: torch.cat([t.to(home) for t in tensors])  # noqa: E731
-        zeros = lambda s: torch.zeros(len(s), dtype=torch.float64, device=s.device)  # noqa: E731
-        reward_sq = cat([s.reward_sq if s.reward_sq is not None else zeros(s) for s in self.sets])
-        policy_sq = cat([s.policy_sq if s.policy_sq is not None else zeros(s) for s in self.sets])
-        coefs = per_tensor_coefficients(cat(stats), reward_sq, policy_sq, alpha, self.granularity)
-        parts = coefs.split([len(s) for s in self.sets])
-        return [part.to(s.device) for part, s in zip(parts, self.sets)]
+        stats = self._per_parameter(self.statistics(seed))
+        reward_sq, policy_sq = self._guidance_norms()
+        coefs = per_tensor_coefficients(stats, reward_sq, policy_sq, alpha, self.granularity)
+        return [coefs[torch.tensor(s.indices, device=self.home)].to(s.device) for s in self.sets]
 
     def apply_(self, seed, coefs, scales, keeps, *, write_master: bool, use_policy: bool, next_seed=None):
         """θ ← keep·src + scale·z over every set (scales/keeps: per set [T] tensors). With
@@ -89,9 +109,6 @@ class ZOEngine:
             )
         if next_seed is not None:
             self._statistics = (next_seed, self.reward_version, new_stats)
-
-    def wants_statistics(self) -> bool:
-        return self.has_policy or self.has_reward
 
     def check_unmoved(self):
         for s in self.sets:

@@ -17,12 +17,20 @@ import torch
 from .alpha import AlphaSchedule, alpha_at, needs_iteration_length, validate_alpha
 from .backends import BACKENDS
 from .direction import GRANULARITIES
+from .distributed import Communicator, agreed_seed, default_process_group, local_piece
 from .engine import ZOEngine
 from .parameter_set import build_parameter_sets, describe, validate_parameter
 from .philox import check_seed
 from .seeds import step_seed
 
+
+def dist_size(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
 STATE_FORMAT = 1
+CONSISTENCY_CHECK_EVERY = 100  # steps between host-side checks that processes agree (no sync otherwise)
 _ARENAS = ("master", "policy_delta", "reward_delta", "snapshot")
 
 
@@ -33,7 +41,8 @@ class ZOPrO(torch.optim.Optimizer):
         params: tensors, param-group dicts, or ``model.named_parameters()`` (names let
             ``set_guidance`` take dicts keyed by parameter name).
         lr: learning rate η.  eps: perturbation size ε.  weight_decay: λ (decoupled from g).
-        seed: base seed; step k uses ``step_seed(seed, k)``.
+        seed: base seed; step k uses ``step_seed(seed, k)``. ``None``: drawn on rank 0 and
+            broadcast to every process of ``process_group``.
         alpha: "linear" (1−1e-3 → 0 over ``steps_per_iteration``), "exp", "constant",
             a float in [0, 1], or a callable ``step_in_iteration -> float``.
         steps_per_iteration: length of an iteration, for the "linear" and "exp" schedules.
@@ -42,6 +51,10 @@ class ZOPrO(torch.optim.Optimizer):
         backend: "auto", "torch", "triton" or "cuda".
         master_weights: keep an fp32 master copy so ±εz restores weights bit for bit (default).
             ``False`` perturbs the model's tensors in place: less memory, but 16-bit weights drift.
+        process_group: the torch.distributed group of a data-parallel or sharded run (default:
+            the world group when torch.distributed is initialised). Only scalars cross it per
+            step (see ``distributed.py``); every process must call ``step``, ``set_guidance``,
+            ``mark_iteration`` and ``load_state_dict`` together.
     """
 
     def __init__(
@@ -50,15 +63,17 @@ class ZOPrO(torch.optim.Optimizer):
         lr: float = 1e-4,
         eps: float = 1e-5,
         *,
-        seed: int = 0,
+        seed: int | None = 0,
         weight_decay: float = 0.0,
         alpha: AlphaSchedule = "linear",
         steps_per_iteration: int | None = None,
         granularity: str = "tensor",
         backend: str = "auto",
         master_weights: bool = True,
+        process_group=None,
     ):
-        check_seed(seed)
+        if seed is not None:
+            check_seed(seed)
         validate_alpha(alpha)
         if steps_per_iteration is not None and (
             isinstance(steps_per_iteration, bool)
@@ -72,7 +87,8 @@ class ZOPrO(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._engine = None
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
-        self.seed = seed
+        self.process_group = default_process_group(process_group)
+        self.seed = agreed_seed(seed, self.process_group)
         self.alpha = alpha
         self.steps_per_iteration = steps_per_iteration
         self.granularity = granularity
@@ -83,6 +99,8 @@ class ZOPrO(torch.optim.Optimizer):
         self._nonfinite_steps = 0  # folded in from the device-side count when read (no sync per step)
         self._nonfinite_device = None
         self._hyper_cache = None
+        self._marked = False  # mark_iteration has recorded a snapshot
+        self._checked_step = None  # global step of the last cross-process agreement check
         self.last_step: dict = {}
 
     # ---- torch.optim plumbing ---------------------------------------------------------------
@@ -118,8 +136,20 @@ class ZOPrO(torch.optim.Optimizer):
             params, names = self._flat_parameters()
             for i, (p, name) in enumerate(zip(params, names)):
                 validate_parameter(p, name, i)
-            sets = build_parameter_sets(params, names, self.master_weights)
-            self._engine = ZOEngine(sets, self.backend, self.granularity)
+            self._pieces = [local_piece(p) for p in params]
+            for i, (local, *_rest) in enumerate(self._pieces):
+                validate_parameter(local, names[i], i)
+            group = self.process_group
+            self._communicator = Communicator(group) if group is not None and dist_size(group) > 1 else None
+            if self._communicator is not None:
+                self._communicator.agree_on_layout(self.seed, self.global_step,
+                                                   sum(n for _, n, _, _ in self._pieces), len(params))
+            sets = build_parameter_sets([piece[:3] for piece in self._pieces], names, self.master_weights)
+            self._engine = ZOEngine(
+                sets, self.backend, self.granularity, parameter_count=len(params),
+                home=self._pieces[0][0].device, sharded=[piece[3] for piece in self._pieces],
+                communicator=self._communicator,
+            )
             self._group_index = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         else:
             self._engine.check_unmoved()
@@ -172,6 +202,14 @@ class ZOPrO(torch.optim.Optimizer):
         loss_minus = self._loss_value(closure(), "θ−εz")
 
         loss_minus = loss_minus.to(loss_plus.device)
+        if self._communicator is not None:  # data parallel: J averaged over processes
+            loss_plus, loss_minus, positions = self._communicator.mean_losses(
+                loss_plus, loss_minus, seed, self.global_step)
+            if self._checked_step is None or self.global_step - self._checked_step >= CONSISTENCY_CHECK_EVERY:
+                self._communicator.check_agreement(positions)
+                self._checked_step = self.global_step
+            loss_plus = loss_plus.to(engine.home)
+            loss_minus = loss_minus.to(engine.home)
         finite = torch.isfinite(loss_plus) & torch.isfinite(loss_minus)
         half_difference = torch.where(finite, (loss_plus - loss_minus) / 2, 0.0)
         scales, keeps = [], []
@@ -218,6 +256,12 @@ class ZOPrO(torch.optim.Optimizer):
             self._nonfinite_device = None
         return self._nonfinite_steps
 
+    @property
+    def communicated_bytes(self) -> int:
+        """Bytes this process has sent to the others (0 when running alone)."""
+        communicator = getattr(self, "_communicator", None)
+        return communicator.bytes_sent if communicator is not None else 0
+
     # ---- guidance --------------------------------------------------------------------------
     def set_guidance(self, policy_delta=None, reward_delta=None):
         """Set Δπ (the policy's last update) and/or ΔR (the reward model's last update).
@@ -231,11 +275,14 @@ class ZOPrO(torch.optim.Optimizer):
             self._require_iteration_length()
             for s in engine.sets:
                 self._store(s, "policy_delta", [aligned[i] for i in s.indices])
+            engine.has_policy = True
+            engine.guidance_changed(reward=False)
         if reward_delta is not None:
             aligned = self._align(reward_delta, "reward_delta")
             for s in engine.sets:
                 self._store(s, "reward_delta", [aligned[i] for i in s.indices])
-            engine.guidance_changed()
+            engine.has_reward = True
+            engine.guidance_changed(reward=True)
 
     def clear_guidance(self):
         """Forget Δπ and ΔR: the next steps are plain SPSA."""
@@ -243,13 +290,14 @@ class ZOPrO(torch.optim.Optimizer):
         for s in engine.sets:
             self._store(s, "policy_delta", [None] * len(s))
             self._store(s, "reward_delta", [None] * len(s))
-        engine.guidance_changed()
+        engine.has_policy = engine.has_reward = False
+        engine.guidance_changed(reward=True)
 
     def mark_iteration(self):
         """End an iteration: Δπ ← θ − θ at the previous mark (the first call only records θ),
         and α restarts. Call it once before training and after each iteration."""
         engine = self._ensure_engine()
-        forms_delta = all(s.snapshot is not None for s in engine.sets)
+        forms_delta = self._marked
         if forms_delta:
             self._require_iteration_length()
         for s in engine.sets:
@@ -258,6 +306,10 @@ class ZOPrO(torch.optim.Optimizer):
                 s.policy_delta = current - s.snapshot
                 s.policy_sq = s.squared_norms(s.policy_delta)
             s.snapshot = current.clone()
+        if forms_delta:
+            engine.has_policy = True
+            engine.guidance_changed(reward=False)
+        self._marked = True
         self.iteration_step = 0
 
     def sync_from_model(self):
@@ -306,9 +358,19 @@ class ZOPrO(torch.optim.Optimizer):
                 raise ValueError(f"{where} has dtype {d.dtype}, expected one of {sorted(map(str, allowed))}")
             if d.device != p.device:
                 raise ValueError(f"{where} is on {d.device}, the parameter on {p.device}")
-            if not bool(torch.isfinite(d).all()):
+            aligned[i] = self._local_values(i, d)
+            if not bool(torch.isfinite(aligned[i]).all()):
                 raise ValueError(f"{where} has NaN or infinite values")
         return aligned
+
+    def _local_values(self, i: int, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's piece of a value given for parameter i (a DTensor, or the full tensor)."""
+        local, full_numel, offset, sharded = self._pieces[i]
+        if local_piece(tensor)[0] is not tensor:  # a DTensor: take its local shard
+            return local_piece(tensor)[0]
+        if sharded:
+            return tensor.detach().reshape(-1)[offset : offset + local.numel()]
+        return tensor
 
     @staticmethod
     def _store(s, key: str, tensors: list):
@@ -341,6 +403,9 @@ class ZOPrO(torch.optim.Optimizer):
             "nonfinite_steps": self.nonfinite_steps,
             "granularity": self.granularity,
             "master_weights": self.master_weights,
+            "has_policy": engine.has_policy,
+            "has_reward": engine.has_reward,
+            "marked": self._marked,
         }
         return sd
 
@@ -356,9 +421,10 @@ class ZOPrO(torch.optim.Optimizer):
         params, names = self._flat_parameters()
         for i, entry in state.items():
             for key, value in entry.items():
-                if key in _ARENAS and tuple(value.shape) != tuple(params[i].shape):
+                local = self._pieces[i][0]  # a sharded run saves each process's shards
+                if key in _ARENAS and tuple(value.shape) != tuple(local.shape):
                     raise ValueError(f"state {key!r} for {describe(names[i], i)} has shape "
-                                     f"{tuple(value.shape)}, expected {tuple(params[i].shape)}")
+                                     f"{tuple(value.shape)}, expected {tuple(local.shape)}")
         for s in engine.sets:
             for key in _ARENAS:
                 saved = [state.get(i, {}).get(key) for i in s.indices]
@@ -373,7 +439,11 @@ class ZOPrO(torch.optim.Optimizer):
                         p.detach().copy_(v)
                     continue
                 self._store(s, key, [None if v is None else v.to(s.device) for v in saved])
-        engine.guidance_changed()
+        engine.has_policy = run.get("has_policy", any(s.policy_delta is not None for s in engine.sets))
+        engine.has_reward = run.get("has_reward", any(s.reward_delta is not None for s in engine.sets))
+        engine.guidance_changed(reward=True)
+        self._marked = run.get("marked", any(s.snapshot is not None for s in engine.sets))
+        self._checked_step = None
         self.seed = run["seed"]
         self.global_step = run["global_step"]
         self.iteration_step = run["iteration_step"]

@@ -1,10 +1,12 @@
 """A set of trainable tensors treated as one virtual vector of global indices.
 
 Parameters are grouped by (device, dtype) in order of first appearance; within a group they keep
-the order given. The virtual vector is the groups one after another, so each group (a
-``ParameterSet``) owns one contiguous global index range and each tensor a contiguous range
-inside it. The optimizer's own buffers (fp32 master, Δπ, ΔR, snapshot) are flat arenas of the
-group's length; the model's tensors stay where they are and are written through their addresses.
+the order given. The virtual vector is the groups one after another, each parameter owning a
+contiguous global index range of its full (unsharded) size. A ``ParameterSet`` holds the local
+tensors of one group: whole parameters, or the shard this process holds of a sharded one (a
+contiguous piece of the flattened parameter, so its global indices are too). The optimizer's own
+buffers (fp32 master, Δπ, ΔR, snapshot) are flat arenas of the local values, tensor after tensor;
+the model's tensors stay where they are and are written through their addresses.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ class ParameterSet:
     params: list[torch.Tensor]
     names: list[str | None]
     indices: list[int]  # position of each tensor in the optimizer's flat parameter list
-    starts: list[int]  # global index of each tensor's first value
-    group_start: int
+    starts: list[int]  # global index of each local tensor's first value
     master_weights: bool
     master: torch.Tensor | None = None
     policy_delta: torch.Tensor | None = None
@@ -44,6 +45,9 @@ class ParameterSet:
 
     def __post_init__(self):
         self._addresses = [p.data_ptr() for p in self.params]
+        self.offsets = [0]  # arena position of each tensor's first value
+        for p in self.params:
+            self.offsets.append(self.offsets[-1] + p.numel())
         if self.master_weights:
             self.master = self.flatten(self.params)
 
@@ -65,15 +69,14 @@ class ParameterSet:
 
     @property
     def numel(self) -> int:
-        return sum(self.numels)
+        return self.offsets[-1]
 
     def __len__(self) -> int:
         return len(self.params)
 
     def local_range(self, t: int) -> tuple[int, int]:
         """Arena positions of tensor ``t``."""
-        lo = self.starts[t] - self.group_start
-        return lo, lo + self.params[t].numel()
+        return self.offsets[t], self.offsets[t + 1]
 
     def views(self, arena: torch.Tensor) -> list[torch.Tensor]:
         """Per-tensor views (flat) of an arena of this set."""
@@ -144,7 +147,8 @@ class ParameterSet:
         # Per-tensor sums of chunk partials: a padded gather, summed in a fixed order, so results
         # are deterministic (no atomics). Index len(chunks) points at an appended zero row.
         gather = torch.where(column < count, first + column, len(chunks))
-        boundaries = [self.group_start] + self.starts + [s + n for s, n in zip(self.starts, self.numels)]
+        shifts = [s - o for s, o in zip(self.starts, self.offsets)]
+        boundaries = self.starts + [s + n for s, n in zip(self.starts, self.numels)] + shifts
         aligned = all(b % 16 == 0 for b in boundaries) and all(
             p.data_ptr() % 16 == 0 for p in self.params
         )
@@ -152,35 +156,42 @@ class ParameterSet:
         return {
             "chunks": chunks.to(device),
             "tensor_starts": torch.tensor(self.starts, dtype=torch.int64, device=device),
+            "tensor_arena_shifts": torch.tensor(shifts, dtype=torch.int64, device=device),
             "tensor_addresses": torch.tensor(self._addresses, dtype=torch.int64, device=device),
             "gather": gather.to(device),
             "aligned": aligned,
         }
 
 
-def build_parameter_sets(
-    params: list[torch.Tensor], names: list[str | None], master_weights: bool
-) -> list[ParameterSet]:
-    """Group by (device, dtype) in order of first appearance and assign global index ranges."""
+def build_parameter_sets(pieces, names: list[str | None], master_weights: bool) -> list[ParameterSet]:
+    """Group by (device, dtype) in order of first appearance and assign global index ranges.
+
+    ``pieces``: per parameter, (local tensor, full numel, flat offset of the local piece in the
+    full parameter). Global ranges follow the full sizes, so every process of a sharded run
+    agrees on them; empty local pieces take no part in the passes.
+    """
     order: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        order.setdefault((p.device, p.dtype), []).append(i)
+    for i, (local, _, _) in enumerate(pieces):
+        order.setdefault((local.device, local.dtype), []).append(i)
     sets, cursor = [], 0
     for members in order.values():
-        starts, group_start = [], cursor
+        starts, kept = [], []
         for i in members:
-            starts.append(cursor)
-            cursor += params[i].numel()
-        sets.append(
-            ParameterSet(
-                params=[params[i] for i in members],
-                names=[names[i] for i in members],
-                indices=members,
-                starts=starts,
-                group_start=group_start,
-                master_weights=master_weights,
+            local, full_numel, offset = pieces[i]
+            if local.numel() > 0:
+                kept.append(i)
+                starts.append(cursor + offset)
+            cursor += full_numel
+        if kept:
+            sets.append(
+                ParameterSet(
+                    params=[pieces[i][0] for i in kept],
+                    names=[names[i] for i in kept],
+                    indices=kept,
+                    starts=starts,
+                    master_weights=master_weights,
+                )
             )
-        )
     return sets
 
 
@@ -192,5 +203,3 @@ def validate_parameter(p: torch.Tensor, name: str | None, index: int):
         raise ValueError(f"{what} has dtype {p.dtype}; supported: fp32, bf16, fp16, fp64")
     if p.is_sparse or not p.is_contiguous():
         raise ValueError(f"{what} must be a dense contiguous tensor")
-    if p.numel() == 0:
-        raise ValueError(f"{what} is empty")

@@ -29,6 +29,32 @@ def _triton_dtypes(dtype: torch.dtype):
     }[dtype]
 
 
+# ---- shared by the chunk-table backends (triton, cuda) ---------------------------------------
+COEF_COLUMNS = 5  # a, b, c, scale, keep (triton_ops/zo_pass.py, csrc/zopro.h)
+
+
+def prepare_chunked_pass(pset, block: int, coefs, reduce: bool):
+    """(tables, coefs, partials) for one pass over ``pset`` with the chunk table of ``block``:
+    the set's kernel tables, the coefficient table as contiguous fp32 [T, 5] on the set's device
+    (None: reduce only), and an uninitialised fp32 [chunks, 2] partials buffer (None: no reduce)."""
+    tables = pset.kernel_tables(block)
+    device = pset.device
+    partials = (
+        torch.empty(len(tables["chunks"]), 2, device=device, dtype=torch.float32) if reduce else None
+    )
+    if coefs is not None:
+        coefs = coefs.to(device=device, dtype=torch.float32).contiguous()
+        assert coefs.shape == (len(pset), COEF_COLUMNS)
+    return tables, coefs, partials
+
+
+def sum_chunk_partials(partials: torch.Tensor, tables: dict) -> torch.Tensor:
+    """Per-tensor [T, 2] sums of per-chunk [chunks, 2] partials: a padded gather summed in a fixed
+    order (deterministic, no atomics). Gather index len(chunks) points at an appended zero row."""
+    padded = torch.cat((partials, partials.new_zeros(1, 2)))
+    return padded[tables["gather"]].sum(dim=1)
+
+
 class TritonBackend:
     name = "triton"
 
@@ -41,30 +67,26 @@ class TritonBackend:
     @torch.no_grad()
     def zo_pass(self, pset, *, seed, coefs, write_master, use_policy, reduce_seed):
         """Same contract as ``TorchBackend.zo_pass``; fp32 arithmetic and fp32 reductions."""
-        from ..triton_ops.zo_pass import COEF_COLUMNS, zo_pass_kernel
+        from ..triton_ops.zo_pass import zo_pass_kernel
 
         block = block_size()
-        tables = pset.kernel_tables(block)
+        tables, coefs, partials = prepare_chunked_pass(pset, block, coefs, reduce_seed is not None)
         chunks = tables["chunks"]
         device = pset.device
         unused = torch.empty(1, device=device, dtype=torch.float32)
         reduce = reduce_seed is not None
-        partials = torch.empty(len(chunks), 2, device=device, dtype=torch.float32) if reduce else unused
         apply = coefs is not None
-        if apply:
-            coefs = coefs.to(device=device, dtype=torch.float32).contiguous()
-            assert coefs.shape == (len(pset), COEF_COLUMNS)
         model_dtype, raw_dtype = _triton_dtypes(pset.dtype)
         zo_pass_kernel[(len(chunks),)](
             chunks,
             tables["tensor_starts"],
+            tables["tensor_arena_shifts"],
             tables["tensor_addresses"],
             coefs if apply else unused,
             pset.master if pset.master is not None else unused,
             pset.policy_delta if use_policy else unused,
             pset.reward_delta if pset.reward_delta is not None else unused,
-            partials,
-            pset.group_start,
+            partials if reduce else unused,
             seed,
             reduce_seed if reduce else 0,
             MODEL_DTYPE=model_dtype,
@@ -83,5 +105,4 @@ class TritonBackend:
         )
         if not reduce:
             return None
-        padded = torch.cat((partials, partials.new_zeros(1, 2)))
-        return padded[tables["gather"]].sum(dim=1)
+        return sum_chunk_partials(partials, tables)

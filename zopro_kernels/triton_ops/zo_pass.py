@@ -4,6 +4,8 @@ kernel with different constexpr switches, launched once over all tensors of a pa
 Work is cut into aligned windows of BLOCK global indices; a chunk is a window clipped to one
 tensor, so a program touches one tensor and its noise is generated for whole windows.
 Chunk table row: (tensor id, window start, first index, end index), all global indices.
+Arena position of global index i of tensor t: i − arena_shift[t] (a tensor may be one shard of a
+sharded parameter, so a set's global ranges need not be contiguous).
 
     z   = a·Δπ + b·n + c·ΔR                     (a, b, c per tensor: eq. 2, see direction.py)
     out = keep·src + scale·z                    (src = fp32 master, or the model tensor itself)
@@ -29,17 +31,17 @@ def round_to_bf16_bits(x):
     return tl.where(x != x, 0x7FC0, rounded).to(tl.int16)
 
 
-@triton.jit(do_not_specialize=["group_start", "seed", "reduce_seed"])
+@triton.jit(do_not_specialize=["seed", "reduce_seed"])
 def zo_pass_kernel(
     chunk_ptr,
     tensor_start_ptr,
+    tensor_arena_shift_ptr,
     tensor_addr_ptr,
     coef_ptr,
     master_ptr,
     policy_delta_ptr,
     reward_delta_ptr,
     partial_ptr,
-    group_start,
     seed,
     reduce_seed,
     MODEL_DTYPE: tl.constexpr,
@@ -65,7 +67,10 @@ def zo_pass_kernel(
         hi = tl.multiple_of(hi, 16)
     index = window + tl.arange(0, BLOCK)
     mask = (index >= lo) & (index < hi)
-    arena = index - group_start
+    arena_shift = tl.load(tensor_arena_shift_ptr + tensor)
+    if ALIGNED:
+        arena_shift = tl.multiple_of(arena_shift, 16)
+    arena = index - arena_shift
 
     noise = window_noise(seed, window, BLOCK)
     reward = tl.zeros((BLOCK,), tl.float32)
