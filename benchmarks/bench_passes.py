@@ -2,9 +2,10 @@
 per-tensor PyTorch baselines (the published ZOPrO perturbation and a MeZO-style loop).
 
     python benchmarks/bench_passes.py                      # GPU: 1B and 8B LoRA r=64 shapes
+    python benchmarks/bench_passes.py --backend cuda       # csrc/'s kernels (libzopro_csrc.so)
     python benchmarks/bench_passes.py --arch tiny --device cpu --backend torch   # smoke run
 
-Writes benchmarks/results/passes-<device>-<date>.json and .md (and prints the table).
+Writes benchmarks/results/passes-<device>-<backend>-<date>.json and .md (and prints the table).
 """
 
 from __future__ import annotations
@@ -89,8 +90,11 @@ def run(arch, backend, device, dtype, reps):
     add("device copy (ceiling)", bench(lambda: dst.copy_(src), device, reps), 2 * src.numel() * 2)
 
     size = torch.tensor([], dtype=dtype).element_size()
-    for guided in (True, False):
-        opt = ZOPrO(params, lr=1e-4, eps=1e-3, alpha=ALPHA, backend=backend)
+    # Guided with Δπ, ΔR stored in fp32 or bf16 (guidance_dtype), and unguided (MeZO mode).
+    for guidance in ("fp32", "bf16", None):
+        guided = guidance is not None
+        guidance_dtype = torch.bfloat16 if guidance == "bf16" else torch.float32
+        opt = ZOPrO(params, lr=1e-4, eps=1e-3, alpha=ALPHA, backend=backend, guidance_dtype=guidance_dtype)
         if guided:
             opt.set_guidance(policy_delta=policy, reward_delta=reward)
         engine = opt._ensure_engine()
@@ -98,13 +102,13 @@ def run(arch, backend, device, dtype, reps):
         coefs = engine.coefficients(seed, ALPHA)
         eps = [h[1] for h in opt._hyperparameters()]
         ones = [torch.ones_like(e) for e in eps]
-        label = "zopro" if guided else "mezo-mode"
-        guide_bytes = 8 if guided else 0  # Δπ and ΔR, fp32
+        label = f"zopro ({guidance} guidance)" if guided else "mezo-mode"
+        guide_bytes = {"fp32": 8, "bf16": 4, None: 0}[guidance]  # Δπ and ΔR
         if guided:
             pset, kernel = engine.sets[0], engine.backends[0]
             add(f"{label} reduce", bench(lambda: kernel.zo_pass(
                 pset, seed=seed, coefs=None, write_master=False, use_policy=False, reduce_seed=seed),
-                device, reps), numel * 4)
+                device, reps), numel * guide_bytes // 2)
         add(f"{label} perturb", bench(lambda: engine.apply_(
             seed, coefs, eps, ones, write_master=False, use_policy=guided), device, reps),
             numel * (4 + size + guide_bytes))
@@ -154,7 +158,7 @@ def environment(device) -> dict:
 
 def markdown(rows, env) -> str:
     lines = [f"Passes over LoRA r=64 weights — {env.get('gpu') or env.get('cpu')}, {env['date']}, "
-             f"torch {env['torch']}, triton {env['triton']}", "",
+             f"backend {env.get('backend', 'auto')}, torch {env['torch']}, triton {env['triton']}", "",
              "| arch | pass | median ms | p20–p80 ms | GB/s | % of copy |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arch']} | {r['pass']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f}–{r['p80_ms']:.3f} "
@@ -173,13 +177,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     env = environment(device)
+    env["backend"] = args.backend  # auto | torch | triton | cuda: one results file per backend
     rows = []
     for arch in args.arch:
         rows += run(arch, args.backend, device, getattr(torch, args.dtype), args.reps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = (env.get("gpu") or "cpu").replace(" ", "-").lower()
-    stem = out / f"passes-{tag}-{env['date']}"
+    stem = out / f"passes-{tag}-{args.backend}-{env['date']}"
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     table = markdown(rows, env)
     stem.with_suffix(".md").write_text(table)

@@ -23,9 +23,9 @@ def test_bench_passes_smoke(tmp_path):
                               "--out", str(tmp_path)])
     (result,) = tmp_path.glob("passes-*.json")
     data = json.loads(result.read_text())
-    assert data["environment"]["torch"] and len(data["results"]) == len(rows) == 10
+    assert data["environment"]["torch"] and len(data["results"]) == len(rows) == 14
     assert all(r["median_ms"] > 0 for r in rows)
-    assert result.with_suffix(".md").read_text().count("| tiny |") == 10
+    assert result.with_suffix(".md").read_text().count("| tiny |") == 14
 
 
 def test_guided_vs_unguided_example(tmp_path):

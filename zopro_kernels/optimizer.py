@@ -51,6 +51,8 @@ class ZOPrO(torch.optim.Optimizer):
         backend: "auto", "torch", "triton" or "cuda".
         master_weights: keep an fp32 master copy so ±εz restores weights bit for bit (default).
             ``False`` perturbs the model's tensors in place: less memory, but 16-bit weights drift.
+        guidance_dtype: storage of Δπ and ΔR: fp32 (default) or bf16, which halves their memory
+            and their share of every pass's traffic (the projection stays exact for the stored ΔR).
         process_group: the torch.distributed group of a data-parallel or sharded run (default:
             the world group when torch.distributed is initialised). Only scalars cross it per
             step (see ``distributed.py``); every process must call ``step``, ``set_guidance``,
@@ -70,6 +72,7 @@ class ZOPrO(torch.optim.Optimizer):
         granularity: str = "tensor",
         backend: str = "auto",
         master_weights: bool = True,
+        guidance_dtype: torch.dtype = torch.float32,
         process_group=None,
     ):
         if seed is not None:
@@ -83,6 +86,8 @@ class ZOPrO(torch.optim.Optimizer):
             raise ValueError(f"steps_per_iteration must be a positive int, got {steps_per_iteration!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if guidance_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"guidance_dtype must be torch.float32 or torch.bfloat16, got {guidance_dtype}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._engine = None
@@ -94,6 +99,7 @@ class ZOPrO(torch.optim.Optimizer):
         self.granularity = granularity
         self.backend = backend
         self.master_weights = bool(master_weights)
+        self.guidance_dtype = guidance_dtype
         self.global_step = 0
         self.iteration_step = 0
         self._nonfinite_steps = 0  # folded in from the device-side count when read (no sync per step)
@@ -144,7 +150,8 @@ class ZOPrO(torch.optim.Optimizer):
             if self._communicator is not None:
                 self._communicator.agree_on_layout(self.seed, self.global_step,
                                                    sum(n for _, n, _, _ in self._pieces), len(params))
-            sets = build_parameter_sets([piece[:3] for piece in self._pieces], names, self.master_weights)
+            sets = build_parameter_sets([piece[:3] for piece in self._pieces], names, self.master_weights,
+                                        self.guidance_dtype)
             self._engine = ZOEngine(
                 sets, self.backend, self.granularity, parameter_count=len(params),
                 home=self._pieces[0][0].device, sharded=[piece[3] for piece in self._pieces],
@@ -303,7 +310,7 @@ class ZOPrO(torch.optim.Optimizer):
         for s in engine.sets:
             current = s.current_values()
             if forms_delta:
-                s.policy_delta = current - s.snapshot
+                s.policy_delta = (current - s.snapshot).to(s.guidance_arena_dtype)
                 s.policy_sq = s.squared_norms(s.policy_delta)
             s.snapshot = current.clone()
         if forms_delta:
@@ -374,9 +381,10 @@ class ZOPrO(torch.optim.Optimizer):
 
     @staticmethod
     def _store(s, key: str, tensors: list):
-        arena = None if all(t is None for t in tensors) else s.flatten(tensors)
-        setattr(s, key, arena)
         norm_key = {"policy_delta": "policy_sq", "reward_delta": "reward_sq"}.get(key)
+        dtype = s.guidance_arena_dtype if norm_key else None
+        arena = None if all(t is None for t in tensors) else s.flatten(tensors, dtype)
+        setattr(s, key, arena)
         if norm_key:
             setattr(s, norm_key, None if arena is None else s.squared_norms(arena))
 

@@ -34,6 +34,7 @@ class ParameterSet:
     indices: list[int]  # position of each tensor in the optimizer's flat parameter list
     starts: list[int]  # global index of each local tensor's first value
     master_weights: bool
+    guidance_dtype: torch.dtype = torch.float32  # storage of Δπ and ΔR (fp32, or bf16 to halve their traffic)
     master: torch.Tensor | None = None
     policy_delta: torch.Tensor | None = None
     reward_delta: torch.Tensor | None = None
@@ -82,9 +83,13 @@ class ParameterSet:
         """Per-tensor views (flat) of an arena of this set."""
         return [arena[slice(*self.local_range(t))] for t in range(len(self))]
 
-    def flatten(self, tensors) -> torch.Tensor:
-        """A new arena (master dtype) holding ``tensors`` (None entries are zeros)."""
-        arena = torch.zeros(self.numel, device=self.device, dtype=self.master_dtype)
+    @property
+    def guidance_arena_dtype(self) -> torch.dtype:
+        return self.master_dtype if self.master_dtype == torch.float64 else self.guidance_dtype
+
+    def flatten(self, tensors, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A new arena (master dtype unless given) holding ``tensors`` (None entries are zeros)."""
+        arena = torch.zeros(self.numel, device=self.device, dtype=dtype or self.master_dtype)
         for view, tensor in zip(self.views(arena), tensors):
             if tensor is not None:
                 view.copy_(tensor.detach().reshape(-1))
@@ -163,7 +168,8 @@ class ParameterSet:
         }
 
 
-def build_parameter_sets(pieces, names: list[str | None], master_weights: bool) -> list[ParameterSet]:
+def build_parameter_sets(pieces, names: list[str | None], master_weights: bool,
+                         guidance_dtype: torch.dtype = torch.float32) -> list[ParameterSet]:
     """Group by (device, dtype) in order of first appearance and assign global index ranges.
 
     ``pieces``: per parameter, (local tensor, full numel, flat offset of the local piece in the
@@ -190,6 +196,7 @@ def build_parameter_sets(pieces, names: list[str | None], master_weights: bool) 
                     indices=kept,
                     starts=starts,
                     master_weights=master_weights,
+                    guidance_dtype=guidance_dtype,
                 )
             )
     return sets

@@ -31,8 +31,11 @@ class TorchBackend:
         only reduce. ``reduce_seed``: also return [T, 2] sums (n·n, n·ΔR) of that seed's noise.
         """
         compute = pset.master_dtype
-        reward = pset.views(pset.reward_delta) if pset.reward_delta is not None else None
-        policy = pset.views(pset.policy_delta) if use_policy else None
+        # Guidance may be stored in bf16: compute in the master dtype (a 0-dim fp32 coefficient
+        # times a bf16 tensor would stay bf16 under torch's promotion rules).
+        widen = lambda views: [v.to(compute) for v in views]  # noqa: E731
+        reward = widen(pset.views(pset.reward_delta)) if pset.reward_delta is not None else None
+        policy = widen(pset.views(pset.policy_delta)) if use_policy else None
         master = pset.views(pset.master) if pset.master is not None else None
         coefs = coefs.to(device=pset.device, dtype=compute) if coefs is not None else None
         sums = []
