@@ -111,3 +111,13 @@ def test_noise_unknown_or_unavailable_backend_says_why():
         zk.noise(1, 0, 3, backend="jax")
     with pytest.raises(RuntimeError, match="CUDA library"):
         zk.noise(1, 0, 3, backend="cuda")
+
+
+def test_philox_numpy_and_any_device_paths_agree():
+    """The CPU rounds (numpy uint64) and the any-device rounds (int64, 16-bit split products)."""
+    from zopro_kernels.philox import _philox4x32_numpy, _philox4x32_torch
+
+    counters = torch.cat((torch.arange(5000), torch.tensor([2**32 - 1, 2**32, 2**40 + 3, 2**62])))
+    fast = _philox4x32_numpy(SEED, counters.numpy())
+    split = _philox4x32_torch(SEED, counters)
+    assert all(torch.equal(torch.from_numpy(a.astype("int64")), b) for a, b in zip(fast, split))

@@ -11,12 +11,13 @@ Box-Muller ``(r cos θ, r sin θ)``. One Philox call feeds four consecutive indi
 so the GPU kernels pay one call per four values and the values never depend on
 block sizes, chunking, or where a tensor's range starts.
 
-Everything runs on int64 tensors of any device: 32x32-bit products are split into
-16-bit halves so no intermediate overflows int64.
+On the CPU the rounds run on numpy uint64 arrays; on other devices on int64 tensors, with
+32x32-bit products split into 16-bit halves so no intermediate overflows int64.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -46,6 +47,13 @@ def philox4x32(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Four uint32 streams (as int64 tensors) for 64-bit ``counters`` under ``seed``."""
     check_seed(seed)
     counters = counters.to(torch.int64)
+    if counters.device.type == "cpu":
+        return tuple(torch.from_numpy(w.view(np.int64)) for w in _philox4x32_numpy(seed, counters.numpy()))
+    return _philox4x32_torch(seed, counters)
+
+
+def _philox4x32_torch(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rounds on int64 tensors of any device, products split so nothing overflows."""
     c0 = counters & _MASK32
     c1 = (counters >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
@@ -55,6 +63,29 @@ def philox4x32(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _philox4x32_numpy(seed: int, counters: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The same rounds on uint64 arrays, where 32x32-bit products wrap exactly (about 6x faster
+    on the CPU than the 16-bit split that any-device torch int64 math needs)."""
+    mask, shift = np.uint64(_MASK32), np.uint64(32)
+    counters = counters.astype(np.uint64)
+    c0, c1 = counters & mask, counters >> shift
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    round_a, round_b = np.uint64(_ROUND_A), np.uint64(_ROUND_B)
+    for _ in range(_ROUNDS):
+        product_b, product_a = round_b * c2, round_a * c0
+        c0, c1, c2, c3 = (
+            (product_b >> shift) ^ c1 ^ np.uint64(k0),
+            product_b & mask,
+            (product_a >> shift) ^ c3 ^ np.uint64(k1),
+            product_a & mask,
+        )
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
     return c0, c1, c2, c3
