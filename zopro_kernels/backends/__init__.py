@@ -2,7 +2,7 @@
 
 ``torch``  : the reference, per tensor, float64 capable, any device.
 ``triton`` : one launch per pass over all tensors (GPU; CPU under TRITON_INTERPRET=1).
-``cuda``   : compiled kernels from csrc/ (not part of this build yet).
+``cuda``   : compiled kernels from csrc/ (libzopro_csrc.so, built by pip install . where nvcc is).
 ``auto``   : triton for CUDA tensors when Triton is installed, else torch.
 """
 
@@ -36,7 +36,33 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str |
 
 
 def cuda_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    return "the compiled CUDA library is not part of this build yet; use 'triton' or 'torch'"
+    """Why the compiled CUDA backend cannot run tensors of this device and dtype (None if it can):
+    no GPU, the library not built (and how to build it), or built without this GPU's
+    architecture. Queries the device only when called, never at import."""
+    from .. import native
+
+    if dtype == torch.float64:
+        return "the CUDA kernels take fp32/bf16/fp16 parameters (float64 uses backend='torch')"
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"it runs CUDA tensors only, these are on {device}")
+    elif not torch.cuda.is_available():
+        reasons.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    library = native.unavailable_reason()
+    if library is not None:
+        reasons.append(library)
+    if reasons:
+        return "; ".join(reasons)
+    lib = native.load()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    archs = lib.zopro_cuda_archs().decode()
+    arch = native.arch_reason(torch.cuda.get_device_capability(index), archs)
+    if arch is not None:
+        return f"{arch} ({torch.cuda.get_device_name(index)})"
+    code = lib.zopro_check_device(index)
+    if code != 0:
+        return f"the CUDA library cannot run on cuda:{index}: {lib.zopro_error_string(code).decode()}"
+    return None
 
 
 def available_backends(device="cuda", dtype=torch.float32) -> list[str]:
@@ -69,6 +95,10 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype):
         from .triton_backend import TritonBackend
 
         return TritonBackend()
+    if name == "cuda":
+        from .cuda_backend import CudaBackend
+
+        return CudaBackend()
     from .torch_backend import TorchBackend
 
     return TorchBackend()

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from .chunked import prepare_chunked_pass, sum_chunk_partials
+
 DEFAULT_BLOCK = 2048
 NUM_WARPS = 8
 
@@ -27,32 +29,6 @@ def _triton_dtypes(dtype: torch.dtype):
         torch.bfloat16: (tl.bfloat16, tl.int16),
         torch.float16: (tl.float16, tl.int16),
     }[dtype]
-
-
-# ---- shared by the chunk-table backends (triton, cuda) ---------------------------------------
-COEF_COLUMNS = 5  # a, b, c, scale, keep (triton_ops/zo_pass.py, csrc/zopro.h)
-
-
-def prepare_chunked_pass(pset, block: int, coefs, reduce: bool):
-    """(tables, coefs, partials) for one pass over ``pset`` with the chunk table of ``block``:
-    the set's kernel tables, the coefficient table as contiguous fp32 [T, 5] on the set's device
-    (None: reduce only), and an uninitialised fp32 [chunks, 2] partials buffer (None: no reduce)."""
-    tables = pset.kernel_tables(block)
-    device = pset.device
-    partials = (
-        torch.empty(len(tables["chunks"]), 2, device=device, dtype=torch.float32) if reduce else None
-    )
-    if coefs is not None:
-        coefs = coefs.to(device=device, dtype=torch.float32).contiguous()
-        assert coefs.shape == (len(pset), COEF_COLUMNS)
-    return tables, coefs, partials
-
-
-def sum_chunk_partials(partials: torch.Tensor, tables: dict) -> torch.Tensor:
-    """Per-tensor [T, 2] sums of per-chunk [chunks, 2] partials: a padded gather summed in a fixed
-    order (deterministic, no atomics). Gather index len(chunks) points at an appended zero row."""
-    padded = torch.cat((partials, partials.new_zeros(1, 2)))
-    return padded[tables["gather"]].sum(dim=1)
 
 
 class TritonBackend:

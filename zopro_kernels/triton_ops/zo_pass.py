@@ -19,7 +19,6 @@ import triton.language as tl
 
 from .noise import window_noise
 
-COEF_COLUMNS = 5  # a, b, c, scale, keep
 
 
 @triton.jit
