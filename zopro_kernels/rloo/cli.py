@@ -1,0 +1,94 @@
+"""``zopro-train --config examples/sentiment.yaml [--resume] [--set key=value ...]`` and ``train()``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import TrainConfig
+
+
+def build_judge(config: TrainConfig):
+    from .judges import LLMPairwiseJudge, vader_judge
+
+    if config.judge == "vader":
+        return vader_judge()
+    if config.judge.startswith("llm:"):
+        from .models import load_base_model
+
+        model, tokenizer = load_base_model(config.judge[4:], dtype=config.dtype)
+        return LLMPairwiseJudge(model.eval(), tokenizer)
+    raise ValueError(f"judge {config.judge!r} is not 'vader' or 'llm:<local model directory>'")
+
+
+def build_pair(config: TrainConfig):
+    from .assets import resolve_model
+    from .models import LoraSettings, PolicyAndReward, load_base_model
+
+    model, tokenizer = load_base_model(resolve_model(config.model, config.cache_dir), dtype=config.dtype,
+                                       load_in_4bit=config.load_in_4bit)
+    model.eval()
+    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_targets)
+    return PolicyAndReward(model, tokenizer, lora, policy_adapter=config.policy_adapter,
+                           reward_adapter=config.reward_adapter, seed=config.seed)
+
+
+def train(config: TrainConfig, *, resume: bool = False, recorder=None, pair=None, prompts=None, judge=None):
+    """Runs the loop; builds the model, prompts and judge from ``config`` unless given."""
+    from .assets import resolve_prompts
+    from .loop import RLOOTrainer
+    from .report import plot_reward_curve, summary_table
+
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    pair = pair if pair is not None else build_pair(config)
+    prompts = prompts if prompts is not None else resolve_prompts(config.prompts, config.cache_dir,
+                                                                  config.prompt_words)
+    judge = judge if judge is not None else build_judge(config)
+    trainer = RLOOTrainer(config, pair, prompts, judge, recorder=recorder)
+    history = trainer.run(resume=resume)
+    print(summary_table(history))
+    print(f"[zopro-train] counters: {trainer.counters}")
+    if config.plot:
+        png = plot_reward_curve(trainer.metrics_path, os.path.join(config.output_dir, "reward_curve.png"))
+        if png:
+            print(f"[zopro-train] reward curve: {png}")
+    return trainer
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    values = {}
+    for item in pairs:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set needs key=value, got {item!r}")
+        values[key.strip()] = yaml.safe_load(raw)
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="zopro-train",
+        description="Iterative ZOPrO: a LoRA policy trained zeroth-order (RLOO objective) against a LoRA "
+                    "reward model refined from a judge's pairwise preferences.")
+    parser.add_argument("--config", help="YAML file of TrainConfig keys (defaults: the sentiment task)")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    args = parser.parse_args(argv)
+    try:
+        base = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
+        config = TrainConfig.from_dict(base | parse_overrides(args.set))
+        train(config, resume=args.resume)
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
+        print(f"zopro-train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The loop's settings: one dataclass, loadable from YAML (unknown keys are an error)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+OPTIMIZERS = ("zopro", "mezo", "adamw")
+FIRST_ITERATIONS = ("adamw", "spsa")
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = "smollm2-135m-instruct"   # a named asset, a local HF directory, or a .gguf file
+    prompts: str = "rotten-tomatoes-negative"  # a named asset or a JSONL file with a "prompt" field
+    judge: str = "vader"                   # "vader", or "llm:<local model directory>"
+    prompt_words: int = 8                  # opening words of each review snippet (the named prompt asset)
+    max_prompts: int | None = None         # use only the first N prompts (after the seeded shuffle)
+    prompt_template: str = "{prompt}"      # how a prompt is shown to the policy
+    cache_dir: str | None = None           # assets (default: $ZOPRO_CACHE or ~/.cache/zopro-kernels)
+    output_dir: str = "runs/zopro"
+
+    # model
+    dtype: str = "float32"
+    load_in_4bit: bool = False             # NF4 base through bitsandbytes
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_targets: str | list = "all-linear"
+    policy_adapter: str = "policy"
+    reward_adapter: str = "reward"
+
+    # sampling and objective
+    k: int = 4                             # completions per prompt (RLOO)
+    max_new_tokens: int = 53
+    max_prompt_tokens: int = 64
+    max_length: int = 1024
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    beta: float = 0.05                     # KL coefficient
+    objective: str = "ppo"                 # "ppo" (clipped sequence ratio) or "reinforce"
+    clip: float = 0.2
+    logprob_chunk: int = 64                # sequence positions per vocabulary projection
+
+    # optimisation
+    optimizer: str = "zopro"               # "zopro" (guided), "mezo" (unguided SPSA), "adamw" (first order)
+    first_iteration: str = "adamw"         # zo modes: iteration 0 first order (published) or unguided "spsa"
+    iterations: int = 5
+    prompt_fraction: float = 0.2           # share of the prompts used per iteration
+    batch_prompts: int = 4                 # prompts per step (k completions each)
+    steps_per_iteration: int | None = None  # default: the iteration's prompts / batch_prompts
+    lr: float = 1e-4                       # guided ZO steps (‖z‖ = ‖Δπ‖: see README "Choosing ε and η")
+    # Guided updates scale with ‖Δπ‖²; when an iteration moves less than the one before, later
+    # steps shrink quadratically. True: η_t = lr·‖Δπ_0‖²/‖Δπ_{t−1}‖² keeps iteration 1's step size.
+    rescale_guided_lr: bool = False
+    spsa_lr: float = 1e-6                  # unguided SPSA steps (‖z‖ ≈ √d)
+    eps: float = 1e-3
+    adamw_lr: float = 1e-4
+    weight_decay: float = 0.0
+    alpha: str | float = "linear"
+    granularity: str = "tensor"
+
+    # reward model
+    reward_lr: float = 1e-4
+    reward_epochs: int = 2
+    reward_batch_size: int = 8
+    reward_warmup: bool = True             # fit R_0 on pairs from π_0 before iteration 0
+
+    # bookkeeping
+    seed: int = 0
+    eval_prompts: int = 16                 # held-out prompts scored before and after each iteration
+    snapshot_every: int | None = None      # recorder snapshots of the policy every N steps
+    threads: int | None = None             # torch intra-op threads (1 is fastest on a small, shared CPU)
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.first_iteration not in FIRST_ITERATIONS:
+            raise ValueError(f"first_iteration {self.first_iteration!r} is not one of {FIRST_ITERATIONS}")
+        if self.objective not in ("ppo", "reinforce"):
+            raise ValueError(f"objective {self.objective!r} is not 'ppo' or 'reinforce'")
+        if not 0 < self.prompt_fraction <= 1:
+            raise ValueError(f"prompt_fraction must be in (0, 1], got {self.prompt_fraction}")
+        if self.k < 2:
+            raise ValueError(f"k must be ≥ 2 for leave-one-out advantages, got {self.k}")
+        if self.max_prompt_tokens + self.max_new_tokens > self.max_length:
+            raise ValueError(f"max_prompt_tokens + max_new_tokens = {self.max_prompt_tokens + self.max_new_tokens}"
+                             f" is over max_length {self.max_length}")
+        for name in ("iterations", "batch_prompts", "reward_epochs", "reward_batch_size", "logprob_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "TrainConfig":
+        try:
+            import yaml
+        except ImportError as error:
+            raise ImportError("YAML configs need PyYAML: pip install pyyaml") from error
+        try:
+            with open(path, encoding="utf-8") as handle:
+                values = yaml.safe_load(handle) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path!r} does not exist") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping of keys to values")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,349 @@
+"""The iterative loop of DESIGN.md §1: policy steps, pairs, judge, reward refinement, guidance.
+
+    for t = 0..N−1:
+        policy steps on chunk t (ZOPrO / MeZO / AdamW on the same RLOO objective J)
+        two generations per prompt of chunk t from π_t, judged → pairs; R refined (Bradley–Terry)
+        Δπ_t = θ_t − θ_{t−1} (``mark_iteration``), ΔR_t = φ_t − φ_{t−1} (``set_guidance``)
+        checkpoint (temp file + rename)
+
+Iteration 0 has no Δπ: first order by default (as published) or unguided SPSA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+
+import torch
+
+from ..optimizer import ZOPrO
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .judges import JudgeError, call_judge
+from .objective import mean_finite, policy_loss, score_rollout
+from .refine import PreferencePairs, finite_pairs, pair_accuracy, refine_reward_model, reward_optimizer
+from .sampling import sample_completions
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+def derived_seed(seed: int, iteration: int, step: int, purpose: int) -> int:
+    """A seed per (iteration, step, purpose): a rerun from any iteration draws the same samples."""
+    value = (seed * 0x9E3779B1 + iteration * 1_000_003 + step * 10_007 + purpose * 101) & 0xFFFFFFFF
+    return value
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class RLOOTrainer:
+    """Runs the loop for a ``PolicyAndReward`` pair, a prompt list and a judge.
+
+    ``recorder``: optional object with ``record(role, tensors, iteration, step)``; called for
+    "policy" and "reward" (LoRA tensors keyed by slot name, shared by both roles) once with the
+    initial weights (iteration −1, step 0), at the end of each iteration, and for "policy" every
+    ``snapshot_every`` steps when set.
+    """
+
+    def __init__(self, config: TrainConfig, pair, prompts: list[str], judge, *, recorder=None):
+        self.config, self.pair, self.judge, self.recorder = config, pair, judge, recorder
+        self.prompts, self.eval_prompts, self.skipped_long_prompts = self._split_prompts(prompts)
+        self.chunk_size = max(1, round(config.prompt_fraction * len(self.prompts)))
+        self.steps = config.steps_per_iteration or max(1, math.ceil(self.chunk_size / config.batch_prompts))
+        self.zo = self._zo_optimizer() if config.optimizer in ("zopro", "mezo") else None
+        self.adamw = (torch.optim.AdamW(list(pair.policy_parameters.values()), lr=config.adamw_lr,
+                                        weight_decay=config.weight_decay)
+                      if config.optimizer == "adamw" or config.first_iteration == "adamw" else None)
+        self.reward_adamw = reward_optimizer(pair, config.reward_lr)
+        self.next_iteration, self.global_step = 0, 0
+        self.delta_sq = {"first": None, "last": None}  # ‖Δπ‖² of the first and the latest iteration
+        self.counters = {"judge_failures": 0, "nonfinite_reward_prompts": 0, "nonfinite_reward_pairs": 0,
+                         "skipped_steps": 0, "skipped_long_prompts": self.skipped_long_prompts}
+        self.history: list[dict] = []
+        os.makedirs(config.output_dir, exist_ok=True)
+        self.metrics_path = os.path.join(config.output_dir, METRICS)
+        self.checkpoint_path = os.path.join(config.output_dir, CHECKPOINT)
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _split_prompts(self, prompts: list[str]):
+        """Seeded shuffle; prompts over the token limit skipped (counted); eval prompts held out."""
+        config = self.config
+        if not prompts:
+            raise ValueError("no prompts")
+        formatted = [config.prompt_template.format(prompt=p) for p in prompts]
+        lengths = [len(ids) for ids in self.pair.tokenizer(formatted, add_special_tokens=True)["input_ids"]]
+        kept = [p for p, n in zip(formatted, lengths) if n <= config.max_prompt_tokens]
+        skipped = len(formatted) - len(kept)
+        if skipped:
+            print(f"[zopro-train] skipped {skipped} prompt(s) over max_prompt_tokens={config.max_prompt_tokens}")
+        if not kept:
+            raise ValueError(f"every prompt is over max_prompt_tokens={config.max_prompt_tokens}")
+        order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        kept = [kept[i] for i in order][: config.max_prompts]
+        # held out whatever the judge: the training prompts must not depend on it
+        held_out = min(config.eval_prompts, len(kept) // 5)
+        return kept[held_out:], kept[:held_out], skipped
+
+    def _zo_optimizer(self) -> ZOPrO:
+        c = self.config
+        return ZOPrO(self.pair.named_policy_parameters(), lr=c.lr, eps=c.eps, seed=c.seed,
+                     weight_decay=c.weight_decay, alpha=c.alpha, steps_per_iteration=self.steps,
+                     granularity=c.granularity)
+
+    def iteration_mode(self, iteration: int) -> str:
+        c = self.config
+        if c.optimizer == "adamw" or (iteration == 0 and c.first_iteration == "adamw"):
+            return "adamw"
+        guided = c.optimizer == "zopro" and iteration > 0
+        return "zopro" if guided else "spsa"
+
+    def chunk(self, iteration: int) -> list[str]:
+        start = (iteration * self.chunk_size) % len(self.prompts)
+        return [self.prompts[(start + i) % len(self.prompts)] for i in range(self.chunk_size)]
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def log(self, record: dict):
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, last_iteration: int):
+        """After a resume, drop records of the iteration the kill interrupted (it reruns)."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as handle:
+            kept = [line for line in handle if line.strip() and json.loads(line).get("iteration", -1) <= last_iteration]
+        temporary = self.metrics_path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+        os.replace(temporary, self.metrics_path)
+
+    def record(self, role: str, iteration: int):
+        if self.recorder is None:
+            return
+        tensors = self.pair.policy_tensors() if role == "policy" else self.pair.reward_tensors()
+        self.recorder.record(role, tensors, iteration, self.global_step)
+
+    # -- the parts of an iteration -----------------------------------------------------------
+
+    def sample(self, prompts, *, k, seed):
+        c = self.config
+        with self.pair.adapter(self.pair.policy_adapter):
+            return sample_completions(self.pair, prompts, k=k, max_new_tokens=c.max_new_tokens,
+                                      max_prompt_tokens=c.max_prompt_tokens, temperature=c.temperature,
+                                      top_k=c.top_k, top_p=c.top_p, seed=seed)
+
+    def task_score(self, rollout) -> float:
+        score = getattr(self.judge, "score", None)
+        if score is None:
+            return math.nan
+        values = []
+        for row, text in enumerate(rollout.completions):
+            try:
+                values.append(score(rollout.prompts[row // rollout.k], text))
+            except Exception:  # counted through the judge path; a score is only a metric here
+                pass
+        return sum(values) / len(values) if values else math.nan
+
+    def policy_step(self, iteration: int, step_in_iteration: int, prompts: list[str], mode: str) -> dict:
+        c = self.config
+        started = time.perf_counter()
+        rollout = self.sample(prompts, k=c.k, seed=derived_seed(c.seed, iteration, step_in_iteration, 1))
+        batch = score_rollout(self.pair, rollout, beta=c.beta, chunk_size=c.logprob_chunk)
+        self.counters["nonfinite_reward_prompts"] += batch.dropped_prompts
+        record = {"iteration": iteration, "step": self.global_step, "step_in_iteration": step_in_iteration,
+                  "mode": mode, "dropped_prompts": batch.dropped_prompts}
+        if batch.advantages.numel() == 0:
+            self.counters["skipped_steps"] += 1
+            print(f"[zopro-train] step {self.global_step}: every reward was NaN/inf; step skipped")
+            return record | {"skipped": True}
+
+        def closure():
+            return policy_loss(self.pair, batch, kind=c.objective, clip=c.clip, chunk_size=c.logprob_chunk)
+
+        if mode == "adamw":
+            self.adamw.zero_grad(set_to_none=True)
+            loss = closure()
+            loss.backward()
+            self.adamw.step()
+            self.adamw.zero_grad(set_to_none=True)
+            record |= {"J": float(loss.detach()), "lr": self.adamw.param_groups[0]["lr"]}
+        else:
+            self.zo.param_groups[0]["lr"] = self.guided_lr() if mode == "zopro" else c.spsa_lr
+            loss = self.zo.step(closure)
+            last = self.zo.last_step
+            record |= {"J": float(loss), "J_plus": float(last["loss_plus"]), "J_minus": float(last["loss_minus"]),
+                       "g": float(last["projected_grad"]), "alpha": float(last["alpha"]),
+                       "lr": self.zo.param_groups[0]["lr"], "nonfinite_steps": int(self.zo.nonfinite_steps)}
+        record |= {"reward": mean_finite(batch.rewards), "reward_model_score": mean_finite(batch.scores),
+                   "kl": mean_finite(batch.kl), "task_score": self.task_score(batch.rollout),
+                   "seconds": time.perf_counter() - started, "peak_memory_bytes": peak_memory_bytes(self.pair.device)}
+        return record
+
+    def guided_lr(self) -> float:
+        first, last = self.delta_sq["first"], self.delta_sq["last"]
+        if not self.config.rescale_guided_lr or not first or not last:
+            return self.config.lr
+        return self.config.lr * first / last
+
+    def preference_pairs(self, iteration: int, prompts: list[str], purpose: int) -> tuple[PreferencePairs, dict]:
+        """Two generations per prompt from the current policy, judged into accepted/rejected."""
+        rollout = self.sample(prompts, k=2, seed=derived_seed(self.config.seed, iteration, 0, purpose))
+        accepted, rejected, failures, first_error = [], [], 0, None
+        for i, prompt in enumerate(rollout.prompts):
+            a, b = 2 * i, 2 * i + 1
+            try:
+                verdict = call_judge(self.judge, prompt, rollout.completions[a], rollout.completions[b])
+            except JudgeError as error:
+                failures += 1
+                first_error = first_error or str(error)
+                continue
+            accepted.append(a if verdict == 0 else b)
+            rejected.append(b if verdict == 0 else a)
+        self.counters["judge_failures"] += failures
+        if failures:
+            print(f"[zopro-train] iteration {iteration}: {failures} judge call(s) skipped; first: {first_error}")
+        if not accepted and prompts:
+            raise JudgeError(f"every judge call failed in iteration {iteration}; first: {first_error}")
+        acc, rej = torch.tensor(accepted, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
+        ids, mask = rollout.input_ids, rollout.attention_mask
+        pairs = PreferencePairs(ids[acc], mask[acc], ids[rej], mask[rej])
+        return pairs, {"pairs": len(accepted), "judge_failures": failures}
+
+    def refine(self, iteration: int, prompts: list[str], purpose: int) -> dict:
+        c = self.config
+        pairs, info = self.preference_pairs(iteration, prompts, purpose)
+        pairs, nonfinite = finite_pairs(self.pair, pairs)
+        if nonfinite:
+            self.counters["nonfinite_reward_pairs"] += nonfinite
+            print(f"[zopro-train] iteration {iteration}: {nonfinite} pair(s) with NaN/inf reward scores skipped")
+        info["nonfinite_reward_pairs"] = nonfinite
+        before = pair_accuracy(self.pair, pairs)
+        losses = refine_reward_model(self.pair, pairs, self.reward_adamw, epochs=c.reward_epochs,
+                                     batch_size=c.reward_batch_size, seed=derived_seed(c.seed, iteration, 0, purpose))
+        return info | {"bt_loss_first": losses[0] if losses else math.nan,
+                       "bt_loss_last": losses[-1] if losses else math.nan,
+                       "pair_accuracy_before": before, "pair_accuracy_after": pair_accuracy(self.pair, pairs)}
+
+    def evaluate(self, iteration: int) -> float:
+        """Mean task score of the held-out prompts (same sampling seed every time: comparable)."""
+        if not self.eval_prompts or getattr(self.judge, "score", None) is None:
+            return math.nan
+        rollout = self.sample(self.eval_prompts, k=2, seed=derived_seed(self.config.seed, 0, 0, 9))
+        value = self.task_score(rollout)
+        self.log({"event": "eval", "iteration": iteration, "task_score": value})
+        return value
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run_iteration(self, iteration: int, progress) -> dict:
+        c = self.config
+        mode = self.iteration_mode(iteration)
+        prompts = self.chunk(iteration)
+        if iteration == 0 and c.reward_warmup:
+            warmup = self.refine(iteration, prompts, purpose=3)
+            self.log({"event": "reward_warmup", "iteration": iteration} | warmup)
+        if iteration == 0 and c.optimizer == "zopro":
+            self.zo.mark_iteration()  # θ_0: Δπ_0 is formed at the end of this iteration
+        policy_at_start = self.pair.policy_tensors() if c.rescale_guided_lr else None
+        rewards = []
+        for step in range(self.steps):
+            batch_prompts = [prompts[(step * c.batch_prompts + j) % len(prompts)] for j in range(c.batch_prompts)]
+            record = self.policy_step(iteration, step, batch_prompts, mode)
+            self.global_step += 1
+            self.log(record)
+            rewards.append(record.get("task_score", math.nan))
+            if c.snapshot_every and self.global_step % c.snapshot_every == 0 and step < self.steps - 1:
+                self.record("policy", iteration)  # (the last step is recorded with the iteration's end)
+            progress.set_postfix(it=iteration, mode=mode, J=f"{record.get('J', math.nan):.4g}",
+                                 score=f"{record.get('task_score', math.nan):.3f}")
+            progress.update(1)
+        if self.zo is not None and mode == "adamw":
+            self.zo.sync_from_model()  # AdamW moved the weights outside ZOPrO
+        if c.optimizer == "zopro":
+            self.zo.mark_iteration()  # Δπ_t = θ_t − θ_{t−1}; α restarts
+        if policy_at_start is not None:
+            now = self.pair.policy_tensors()
+            self.delta_sq["last"] = sum(float((now[k].double() - v.double()).square().sum())
+                                        for k, v in policy_at_start.items())
+            self.delta_sq["first"] = self.delta_sq["first"] or self.delta_sq["last"]
+        reward_before = self.pair.reward_tensors()
+        refinement = self.refine(iteration, prompts, purpose=2)
+        reward_delta = {slot: after - reward_before[slot] for slot, after in self.pair.reward_tensors().items()}
+        if c.optimizer == "zopro":
+            self.zo.set_guidance(reward_delta=reward_delta)
+        self.record("policy", iteration)
+        self.record("reward", iteration)
+        summary = {"event": "iteration", "iteration": iteration, "mode": mode, "steps": self.steps,
+                   "mean_task_score": mean_finite(torch.tensor(rewards, dtype=torch.float64))} | refinement
+        summary["eval_task_score"] = self.evaluate(iteration)
+        self.log(summary)
+        return summary
+
+    def state(self) -> dict:
+        return {
+            "next_iteration": self.next_iteration, "global_step": self.global_step,
+            "policy": self.pair.policy_tensors(), "reward": self.pair.reward_tensors(),
+            "value_head": self.pair.value_head.state_dict(),
+            "zo": self.zo.state_dict() if self.zo is not None else None,
+            "adamw": self.adamw.state_dict() if self.adamw is not None else None,
+            "reward_adamw": self.reward_adamw.state_dict(),
+            "counters": dict(self.counters), "delta_sq": dict(self.delta_sq), "history": list(self.history), "config": self.config.to_dict(),
+        }
+
+    def restore(self, state: dict):
+        self.pair.load_adapter_tensors("policy", state["policy"])
+        self.pair.load_adapter_tensors("reward", state["reward"])
+        self.pair.value_head.load_state_dict(state["value_head"])
+        if self.zo is not None:
+            self.zo.load_state_dict(state["zo"])
+        if self.adamw is not None:
+            self.adamw.load_state_dict(state["adamw"])
+        self.reward_adamw.load_state_dict(state["reward_adamw"])
+        self.next_iteration, self.global_step = state["next_iteration"], state["global_step"]
+        self.counters.update(state["counters"])
+        self.delta_sq = dict(state.get("delta_sq", {"first": None, "last": None}))
+        self.history = list(state["history"])
+
+    def resume(self) -> bool:
+        """Continue from the last checkpoint of ``output_dir`` (False when there is none)."""
+        state = load_checkpoint(self.checkpoint_path)
+        if state is None:
+            return False
+        for key in ("model", "seed", "optimizer", "lora_r", "lora_targets"):
+            if state["config"].get(key) != getattr(self.config, key):
+                raise ValueError(f"cannot resume: checkpoint has {key}={state['config'].get(key)!r}, "
+                                 f"config has {getattr(self.config, key)!r}")
+        self.restore(state)
+        self._truncate_metrics(self.next_iteration - 1)
+        return True
+
+    def run(self, *, resume: bool = False) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        if resume and self.resume():
+            print(f"[zopro-train] resumed from {self.checkpoint_path} at iteration {self.next_iteration}")
+        elif os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)  # a fresh run: no stale records
+        if self.next_iteration == 0:
+            self.record("policy", -1)
+            self.record("reward", -1)
+            self.history = [{"event": "eval", "iteration": -1, "task_score": self.evaluate(-1)}]
+        total = c.iterations * self.steps
+        with tqdm(total=total, initial=self.next_iteration * self.steps, disable=not c.progress,
+                  desc="zopro-train") as progress:
+            for iteration in range(self.next_iteration, c.iterations):
+                summary = self.run_iteration(iteration, progress)
+                self.history.append(summary)
+                self.next_iteration = iteration + 1
+                save_checkpoint(self.state(), self.checkpoint_path)
+        return self.history

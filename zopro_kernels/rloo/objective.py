@@ -1,0 +1,97 @@
+"""The RLOO objective J, shared by every optimizer mode (ZOPrO, MeZO, AdamW).
+
+    r_i = R(x, y_i) − β Σ_t (log π_old − log π_ref)      (fixed per batch, from sampling time)
+    A_i = r_i − mean_{j≠i} r_j                           (leave-one-out over the k samples of x)
+    J   = mean_i max(−A_i ρ_i, −A_i clip(ρ_i, 1−c, 1+c)) ρ_i = π_θ(y_i|x) / π_old(y_i|x)   ("ppo")
+    J   = −mean_i A_i log π_θ(y_i|x)                                                   ("reinforce")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .logprobs import completion_logprobs, reward_scores
+from .sampling import Rollout
+
+OBJECTIVES = ("ppo", "reinforce")
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """A_i = r_i − mean of the other k−1 rewards of the same prompt (rows grouped by prompt)."""
+    if k < 2:
+        raise ValueError(f"leave-one-out needs k ≥ 2 completions per prompt, got {k}")
+    grouped = rewards.reshape(-1, k)
+    others = (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - others).reshape(-1)
+
+
+def surrogate_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, *,
+                   kind: str = "ppo", clip: float = 0.2) -> torch.Tensor:
+    """The loss to minimise (−J's improvement), averaged over completions."""
+    if kind == "ppo":
+        ratio = torch.exp(logp - logp_old)
+        unclipped = -advantages * ratio
+        clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+        return torch.maximum(unclipped, clipped).mean()
+    if kind == "reinforce":
+        return -(advantages * logp).mean()
+    raise ValueError(f"objective {kind!r} is not one of {OBJECTIVES}")
+
+
+@dataclass
+class ScoredBatch:
+    """A rollout with everything J needs that does not depend on θ."""
+
+    rollout: Rollout
+    logp_old: torch.Tensor
+    advantages: torch.Tensor
+    scores: torch.Tensor       # R(x, y)
+    kl: torch.Tensor           # Σ_t (log π_old − log π_ref) per completion
+    rewards: torch.Tensor      # scores − β kl
+    dropped_prompts: int = 0   # prompts whose rewards were not finite
+
+
+@torch.no_grad()
+def score_rollout(pair, rollout: Rollout, *, beta: float, chunk_size: int = 64) -> ScoredBatch:
+    """π_old and π_ref log-probs, reward-model scores and advantages; non-finite groups dropped."""
+    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_length, rollout.completion_mask, chunk_size)
+    with pair.adapter(pair.policy_adapter):
+        logp_old = completion_logprobs(pair, *args)
+    with pair.reference():
+        logp_ref = completion_logprobs(pair, *args)
+    scores = reward_scores(pair, rollout.input_ids, rollout.attention_mask).to(logp_old.dtype)
+    kl = logp_old - logp_ref
+    rewards = scores - beta * kl
+    finite = torch.isfinite(rewards).reshape(-1, rollout.k).all(-1) & torch.isfinite(logp_old).reshape(
+        -1, rollout.k).all(-1)
+    keep = [i for i, ok in enumerate(finite.tolist()) if ok]
+    dropped = len(rollout.prompts) - len(keep)
+    if dropped:
+        rows = torch.tensor([i * rollout.k + j for i in keep for j in range(rollout.k)], dtype=torch.long,
+                            device=rewards.device)
+        rollout = rollout.select_prompts(keep)
+        logp_old, scores, kl, rewards = logp_old[rows], scores[rows], kl[rows], rewards[rows]
+    advantages = leave_one_out_advantages(rewards, rollout.k) if keep else rewards
+    return ScoredBatch(rollout, logp_old, advantages, scores, kl, rewards, dropped)
+
+
+def policy_loss(pair, batch: ScoredBatch, *, kind: str = "ppo", clip: float = 0.2,
+                chunk_size: int = 64) -> torch.Tensor:
+    """J at the current policy weights: the same function for the ZO closure and for backward."""
+    if batch.advantages.numel() == 0:
+        raise ValueError("the batch has no completions left (every reward was NaN/inf)")
+    r = batch.rollout
+    with pair.adapter(pair.policy_adapter):
+        logp = completion_logprobs(pair, r.input_ids, r.attention_mask, r.prompt_length, r.completion_mask,
+                                   chunk_size)
+    loss = surrogate_loss(logp, batch.logp_old, batch.advantages, kind=kind, clip=clip)
+    # ZO takes a difference of two nearby losses: never hand it less than fp32
+    return loss if loss.dtype == torch.float64 else loss.float()
+
+
+def mean_finite(values: torch.Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if finite.numel() else math.nan
