@@ -77,3 +77,26 @@ def assert_dtype_close(got, expected, dtype):
     error = (got.double().cpu() - expected).abs().max().item()
     slack = 1e-6 * max(1.0, expected.abs().max().item())  # fp32 arithmetic inside the pass
     assert error <= 2 * plain_error + slack, (error, plain_error)
+
+
+def check_step_against_reference(backend, device, dtype, shapes, granularity, eps=1e-2, lr=1e-3, wd=0.1):
+    """θ at J₊, at J₋ and after the update, each against float64 eq. 2 (dtype-noise tolerance)."""
+    initial, seen, (j_plus, j_minus), z = captured_step(
+        backend, device, dtype, shapes, granularity=granularity, eps=eps, lr=lr, weight_decay=wd
+    )
+    g = (j_plus - j_minus) / (2 * eps)
+    for t, theta0 in enumerate(initial):
+        theta0 = theta0.double().cpu()
+        assert_dtype_close(seen[0][t], theta0 + eps * z[t], dtype)
+        assert_dtype_close(seen[1][t], theta0 - eps * z[t], dtype)
+        assert_dtype_close(seen[2][t], theta0 - lr * (g * z[t] + wd * theta0), dtype)
+
+
+def check_guidance_variant(backend, device, shapes, granularity, kind):
+    """With θ₀ = 0 and ε = 1 the weights seen at J₊ are z itself: compare with float64 eq. 2."""
+    _, seen, _, z = captured_step(backend, device, torch.float32, shapes, granularity=granularity,
+                                  kind=kind, eps=1.0, init_scale=0.0)
+    for t in range(len(shapes)):
+        got = seen[0][t].double().cpu()
+        assert torch.isfinite(got).all()
+        assert (got - z[t]).abs().max() <= 1e-5 * max(1.0, z[t].abs().max().item())

@@ -30,7 +30,15 @@ from zopro_kernels.backends import cuda_unavailable_reason, resolve_backend
 from zopro_kernels.philox import philox4x32, reference_noise
 from zopro_kernels.seeds import step_seed
 
-from .helpers import SHAPES, assert_dtype_close, captured_step, guidance, starts_of
+from .helpers import (
+    SHAPES,
+    assert_dtype_close,
+    captured_step,
+    check_guidance_variant,
+    check_step_against_reference,
+    guidance,
+    starts_of,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -346,31 +354,15 @@ BLOCKS = [pytest.param("4096", id="block4096"), pytest.param("16", id="block16")
 def test_perturb_and_update_match_reference(cuda_target, dtype, shapes, granularity, block, monkeypatch):
     monkeypatch.setenv("ZOPRO_CUDA_BLOCK", block)
     backend, device = cuda_target
-    dtype = DTYPES[dtype]
     shapes = ALIGNED_SHAPES if shapes == "aligned" else SHAPES[shapes]
-    eps, lr, wd = 1e-2, 1e-3, 0.1
-    initial, seen, (j_plus, j_minus), z = captured_step(
-        backend, device, dtype, shapes, granularity=granularity, eps=eps, lr=lr, weight_decay=wd
-    )
-    g = (j_plus - j_minus) / (2 * eps)
-    for t, theta0 in enumerate(initial):
-        theta0 = theta0.double().cpu()
-        assert_dtype_close(seen[0][t], theta0 + eps * z[t], dtype)
-        assert_dtype_close(seen[1][t], theta0 - eps * z[t], dtype)
-        assert_dtype_close(seen[2][t], theta0 - lr * (g * z[t] + wd * theta0), dtype)
+    check_step_against_reference(backend, device, DTYPES[dtype], shapes, granularity)
 
 
 @pytest.mark.parametrize("kind", ["none", "reward", "policy", "zeros"])
 @pytest.mark.parametrize("granularity", ["tensor", "global"])
 def test_guidance_variants_match_reference(cuda_target, kind, granularity):
     backend, device = cuda_target
-    shapes = SHAPES["odd"]
-    _, seen, _, z = captured_step(backend, device, torch.float32, shapes, granularity=granularity,
-                                  kind=kind, eps=1.0, init_scale=0.0)
-    for t in range(len(shapes)):
-        got = seen[0][t].double().cpu()
-        assert torch.isfinite(got).all()
-        assert (got - z[t]).abs().max() <= 1e-5 * max(1.0, z[t].abs().max().item())
+    check_guidance_variant(backend, device, SHAPES["odd"], granularity, kind)
 
 
 @pytest.mark.parametrize("shapes", ["odd", "aligned"])

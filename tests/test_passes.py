@@ -6,7 +6,14 @@ import torch
 import zopro_kernels as zk
 from zopro_kernels.seeds import step_seed
 
-from .helpers import SHAPES, assert_dtype_close, captured_step, starts_of
+from .helpers import (
+    SHAPES,
+    assert_dtype_close,
+    captured_step,
+    check_guidance_variant,
+    check_step_against_reference,
+    starts_of,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -16,30 +23,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_perturb_and_update_match_reference(target, dtype, shapes, granularity):
     backend, device = target
-    dtype, shapes = DTYPES[dtype], SHAPES[shapes]
-    eps, lr, wd = 1e-2, 1e-3, 0.1
-    initial, seen, (j_plus, j_minus), z = captured_step(
-        backend, device, dtype, shapes, granularity=granularity, eps=eps, lr=lr, weight_decay=wd
-    )
-    g = (j_plus - j_minus) / (2 * eps)
-    for t, theta0 in enumerate(initial):
-        theta0 = theta0.double().cpu()
-        assert_dtype_close(seen[0][t], theta0 + eps * z[t], dtype)
-        assert_dtype_close(seen[1][t], theta0 - eps * z[t], dtype)
-        assert_dtype_close(seen[2][t], theta0 - lr * (g * z[t] + wd * theta0), dtype)
+    check_step_against_reference(backend, device, DTYPES[dtype], SHAPES[shapes], granularity)
 
 
 @pytest.mark.parametrize("kind", ["none", "reward", "policy", "zeros"])
 @pytest.mark.parametrize("granularity", ["tensor", "global"])
 def test_guidance_variants_match_reference(target, kind, granularity):
     backend, device = target
-    shapes = SHAPES["odd"]
-    initial, seen, _, z = captured_step(backend, device, torch.float32, shapes,
-                                        granularity=granularity, kind=kind, eps=1.0, init_scale=0.0)
-    for t in range(len(shapes)):
-        got = seen[0][t].double().cpu()  # θ₀ = 0, ε = 1: the captured weights are z itself
-        assert torch.isfinite(got).all()
-        assert (got - z[t]).abs().max() <= 1e-5 * max(1.0, z[t].abs().max().item())
+    check_guidance_variant(backend, device, SHAPES["odd"], granularity, kind)
 
 
 def test_unguided_direction_is_exactly_the_noise(target):
