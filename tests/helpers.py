@@ -100,3 +100,38 @@ def check_guidance_variant(backend, device, shapes, granularity, kind):
         got = seen[0][t].double().cpu()
         assert torch.isfinite(got).all()
         assert (got - z[t]).abs().max() <= 1e-5 * max(1.0, z[t].abs().max().item())
+
+
+def check_bf16_guidance(backend, device, shapes):
+    """guidance_dtype=bf16: one step with θ₀ = 0, ε = 1 against float64 eq. 2 of the bf16-rounded
+    Δπ and ΔR (the values the kernels read). Returns the optimizer."""
+    params = random_tensors(shapes, torch.float32, device, seed=7, scale=0.0)
+    dpi, dr = guidance(shapes, "both", device)
+    opt = ZOPrO(params, eps=1.0, lr=0.0, seed=11, alpha=0.6, backend=backend, guidance_dtype=torch.bfloat16)
+    opt.set_guidance(policy_delta=dpi, reward_delta=dr)
+    seen = []
+    opt.step(lambda: seen.append([p.clone() for p in params]) or 0.0)
+    rounded = [[t.to(torch.bfloat16) for t in ts] for ts in (dpi, dr)]
+    z = reference_direction(step_seed(11, 0), starts_of(shapes), [torch.Size(s) for s in shapes],
+                            *rounded, 0.6, "tensor")
+    for t in range(len(shapes)):
+        assert (seen[0][t].double().cpu() - z[t]).abs().max() <= 1e-5 * max(1.0, z[t].abs().max().item())
+    return opt
+
+
+def check_restored_after_cycles(params, opt, shapes, cycles):
+    """With Δπ and ΔR set, ``cycles`` steps whose loss is NaN (every update skipped) perturb the
+    weights each time and leave them bit-identical to the start."""
+    dpi, dr = guidance(shapes, "both", params[0].device)
+    opt.set_guidance(policy_delta=dpi, reward_delta=dr)
+    initial = [p.clone() for p in params]
+    moved = []
+
+    def closure():
+        moved.append(any(not torch.equal(p, q) for p, q in zip(params, initial)))
+        return float("nan")
+
+    for _ in range(cycles):
+        opt.step(closure)
+    assert all(moved)
+    assert all(torch.equal(p, q) for p, q in zip(params, initial))

@@ -34,7 +34,9 @@ from .helpers import (
     SHAPES,
     assert_dtype_close,
     captured_step,
+    check_bf16_guidance,
     check_guidance_variant,
+    check_restored_after_cycles,
     check_step_against_reference,
     guidance,
     starts_of,
@@ -368,23 +370,8 @@ def test_guidance_variants_match_reference(cuda_target, kind, granularity):
 @pytest.mark.parametrize("shapes", ["odd", "aligned"])
 def test_bf16_guidance_storage_matches_reference_of_rounded_guidance(cuda_target, shapes):
     """guidance_dtype=bf16: Δπ and ΔR read from bf16 arenas (scalar and 16-byte paths)."""
-    from zopro_kernels.reference import reference_direction
-
-    from .helpers import random_tensors
-
     backend, device = cuda_target
-    shapes = ALIGNED_SHAPES if shapes == "aligned" else SHAPES[shapes]
-    params = random_tensors(shapes, torch.float32, device, seed=7, scale=0.0)
-    dpi, dr = guidance(shapes, "both", device)
-    opt = ZOPrO(params, eps=1.0, lr=0.0, seed=11, alpha=0.6, backend=backend, guidance_dtype=torch.bfloat16)
-    opt.set_guidance(policy_delta=dpi, reward_delta=dr)
-    seen = []
-    opt.step(lambda: seen.append([p.clone() for p in params]) or 0.0)
-    rounded = lambda ts: [t.to(torch.bfloat16) for t in ts]  # noqa: E731
-    z = reference_direction(step_seed(11, 0), starts_of(shapes), [torch.Size(s) for s in shapes],
-                            rounded(dpi), rounded(dr), 0.6, "tensor")
-    for t in range(len(shapes)):
-        assert (seen[0][t].double().cpu() - z[t]).abs().max() <= 1e-5 * max(1.0, z[t].abs().max().item())
+    check_bf16_guidance(backend, device, ALIGNED_SHAPES if shapes == "aligned" else SHAPES[shapes])
 
 
 def test_unguided_direction_is_exactly_the_noise(cuda_target):
@@ -444,19 +431,7 @@ def test_weights_restored_bit_for_bit_after_many_cycles(cuda_target, dtype):
     params = [torch.randn(s, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype]).to(device)
               for s in SHAPES["odd"] + ALIGNED_SHAPES]
     opt = ZOPrO(params, lr=1e-3, eps=1e-3, alpha=0.5, backend=backend)
-    dpi, dr = guidance(SHAPES["odd"] + ALIGNED_SHAPES, "both", device)
-    opt.set_guidance(policy_delta=dpi, reward_delta=dr)
-    initial = [p.clone() for p in params]
-    moved = []
-
-    def closure():  # perturbed weights, a NaN loss: every update is skipped
-        moved.append(any(not torch.equal(p, q) for p, q in zip(params, initial)))
-        return float("nan")
-
-    for _ in range(cycles):
-        opt.step(closure)
-    assert all(moved)
-    assert all(torch.equal(p, q) for p, q in zip(params, initial))
+    check_restored_after_cycles(params, opt, SHAPES["odd"] + ALIGNED_SHAPES, cycles)
 
 
 def test_passes_are_deterministic(cuda_target):

@@ -7,7 +7,7 @@ import torch
 import zopro_kernels as zk
 from zopro_kernels import ZOPrO
 
-from .helpers import guidance, random_tensors
+from .helpers import check_restored_after_cycles, guidance, random_tensors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = [(5, 3), (1,), (37,)]
@@ -29,19 +29,7 @@ def test_weights_restored_bit_for_bit_after_many_cycles(target, dtype):
     backend, device = target
     cycles = 1000 if backend == "torch" or device == "cuda" else 25  # the interpreter is slow
     params, opt = make(target, DTYPES[dtype], lr=1e-3, eps=1e-3, alpha=0.5)
-    dpi, dr = guidance(SHAPES, "both", params[0].device)
-    opt.set_guidance(policy_delta=dpi, reward_delta=dr)
-    initial = [p.clone() for p in params]
-    moved = []
-
-    def closure():  # sees perturbed weights, reports a NaN loss: every update is skipped
-        moved.append(any(not torch.equal(p, q) for p, q in zip(params, initial)))
-        return float("nan")
-
-    for _ in range(cycles):
-        opt.step(closure)
-    assert all(moved)
-    assert all(torch.equal(p, q) for p, q in zip(params, initial))
+    check_restored_after_cycles(params, opt, SHAPES, cycles)
     assert opt.nonfinite_steps == cycles
 
 

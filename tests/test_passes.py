@@ -10,6 +10,7 @@ from .helpers import (
     SHAPES,
     assert_dtype_close,
     captured_step,
+    check_bf16_guidance,
     check_guidance_variant,
     check_step_against_reference,
     starts_of,
@@ -113,22 +114,6 @@ def test_software_bf16_rounding_matches_torch():
 
 def test_bf16_guidance_storage_matches_reference_of_rounded_guidance(target):
     """guidance_dtype=bf16 stores Δπ and ΔR rounded; eq. 2 then holds exactly for those values."""
-    from zopro_kernels import ZOPrO
-    from zopro_kernels.reference import reference_direction
-
-    from .helpers import guidance, random_tensors
-
     backend, device = target
-    shapes = SHAPES["odd"]
-    params = random_tensors(shapes, torch.float32, device, seed=7, scale=0.0)
-    dpi, dr = guidance(shapes, "both", device)
-    opt = ZOPrO(params, eps=1.0, lr=0.0, seed=11, alpha=0.6, backend=backend, guidance_dtype=torch.bfloat16)
-    opt.set_guidance(policy_delta=dpi, reward_delta=dr)
-    seen = []
-    opt.step(lambda: seen.append([p.clone() for p in params]) or 0.0)
-    rounded = lambda ts: [t.to(torch.bfloat16) for t in ts]  # noqa: E731
-    z = reference_direction(step_seed(11, 0), starts_of(shapes), [torch.Size(s) for s in shapes],
-                            rounded(dpi), rounded(dr), 0.6, "tensor")
+    opt = check_bf16_guidance(backend, device, SHAPES["odd"])
     assert opt.state_dict()["state"][0]["reward_delta"].dtype == torch.bfloat16
-    for t in range(len(shapes)):
-        assert (seen[0][t].double().cpu() - z[t]).abs().max() <= 1e-5 * max(1.0, z[t].abs().max().item())
