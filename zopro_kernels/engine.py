@@ -23,6 +23,8 @@ class ZOEngine:
         self.backends = [resolve_backend(backend, s.device, s.dtype) for s in sets]
         self.parameter_count = parameter_count
         self.home = home
+        # Each set's rows in the per-parameter tables, made once (no host-to-device copy per step).
+        self._rows = [torch.tensor(s.indices, device=home) for s in sets]
         self.sharded = torch.tensor(sharded, dtype=torch.bool, device=home)
         self.communicator = communicator if any(sharded) else None
         # Whether guidance was given (the same on every process, even one whose shards are empty).
@@ -48,9 +50,9 @@ class ZOEngine:
         first = next((r for r in per_set_rows if r is not None), None)
         shape = (self.parameter_count,) + (tuple(first.shape[1:]) if first is not None else ())
         table = torch.zeros(shape, dtype=torch.float64, device=self.home)
-        for s, rows in zip(self.sets, per_set_rows):
+        for index, rows in zip(self._rows, per_set_rows):
             if rows is not None:
-                table[torch.tensor(s.indices, device=self.home)] = rows.to(self.home, torch.float64)
+                table[index] = rows.to(self.home, torch.float64)
         if self.communicator is not None:
             table = self.communicator.sum_over_shards(table, self.sharded)
         return table
@@ -89,7 +91,7 @@ class ZOEngine:
         stats = self._per_parameter(self.statistics(seed))
         reward_sq, policy_sq = self._guidance_norms()
         coefs = per_tensor_coefficients(stats, reward_sq, policy_sq, alpha, self.granularity)
-        return [coefs[torch.tensor(s.indices, device=self.home)].to(s.device) for s in self.sets]
+        return [coefs[index].to(s.device) for index, s in zip(self._rows, self.sets)]
 
     def apply_(self, seed, coefs, scales, keeps, *, write_master: bool, use_policy: bool, next_seed=None):
         """θ ← keep·src + scale·z over every set (scales/keeps: per set [T] tensors). With
