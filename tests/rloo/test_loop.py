@@ -128,7 +128,7 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(two_iterations, tmp_pat
     for key, value in reference.pair.value_head.state_dict().items():
         assert torch.equal(resumed.pair.value_head.state_dict()[key], value)
     # the metrics hold each step exactly once, as in the uninterrupted run
-    drop = ("seconds", "peak_memory_bytes")
+    drop = ("seconds", "peak_memory_bytes", "train_seconds")
     clean = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
     assert clean(read_metrics(tmp_path)) == clean(read_metrics(reference_dir))
 
@@ -197,3 +197,18 @@ def test_rescaled_guided_lr_keeps_the_first_guided_step_size(tmp_path):
     config = tiny_config(tmp_path)
     assert lrs[1] == config.lr
     assert lrs[2] == pytest.approx(config.lr * first / second, rel=1e-9) and first != second
+
+
+def test_a_time_budget_ends_the_run_after_the_step_that_spends_it(tmp_path):
+    trainer = run(tmp_path, time_budget_s=1e-9, iterations=3)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if "step" in r] == [0]  # one step, then the budget is spent
+    (summary,) = [r for r in records if r.get("event") == "iteration"]
+    assert summary["stopped"] == "time_budget" and summary["steps"] == 1 and "pairs" not in summary
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert [(r["iteration"], r["global_step"]) for r in evals] == [(-1, 0), (0, 1)]
+    assert evals[0]["train_seconds"] == 0 < evals[1]["train_seconds"] == summary["train_seconds"]
+    assert load_checkpoint(os.path.join(tmp_path, "checkpoint.pt"))["next_iteration"] == 3  # nothing to resume
+    assert trainer.history[-1]["stopped"] == "time_budget"
+    with pytest.raises(ValueError, match="time_budget_s must be > 0"):
+        tiny_config(tmp_path, time_budget_s=0)

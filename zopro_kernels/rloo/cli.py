@@ -17,7 +17,7 @@ def build_judge(config: TrainConfig):
     if config.judge.startswith("llm:"):
         from .models import load_base_model
 
-        model, tokenizer = load_base_model(config.judge[4:], dtype=config.dtype)
+        model, tokenizer = load_base_model(config.judge[4:], dtype=config.dtype, device=config.device)
         return LLMPairwiseJudge(model.eval(), tokenizer)
     raise ValueError(f"judge {config.judge!r} is not 'vader' or 'llm:<local model directory>'")
 
@@ -27,29 +27,40 @@ def build_pair(config: TrainConfig):
     from .models import LoraSettings, PolicyAndReward, load_base_model
 
     model, tokenizer = load_base_model(resolve_model(config.model, config.cache_dir), dtype=config.dtype,
-                                       load_in_4bit=config.load_in_4bit)
+                                       load_in_4bit=config.load_in_4bit, device=config.device)
     model.eval()
     lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_targets)
     return PolicyAndReward(model, tokenizer, lora, policy_adapter=config.policy_adapter,
                            reward_adapter=config.reward_adapter, seed=config.seed)
 
 
-def train(config: TrainConfig, *, resume: bool = False, recorder=None, pair=None, prompts=None, judge=None):
-    """Runs the loop; builds the model, prompts and judge from ``config`` unless given."""
+def train(config: TrainConfig, *, resume: bool = False, recorder=None, pair=None, prompts=None, judge=None,
+          parallel=None):
+    """Runs the loop; builds the model, prompts and judge from ``config`` unless given.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the process group is joined here (NCCL on GPUs, gloo on
+    CPUs) and the loop is data parallel; rank 0 writes the outputs.
+    """
     from .assets import resolve_prompts
     from .loop import RLOOTrainer
+    from .parallel import init_from_environment
     from .report import plot_reward_curve, summary_table
+
+    parallel = parallel if parallel is not None else init_from_environment()
 
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)
-    pair = pair if pair is not None else build_pair(config)
-    prompts = prompts if prompts is not None else resolve_prompts(config.prompts, config.cache_dir,
-                                                                  config.prompt_words)
+    with parallel.main_first():  # one process fetches the assets, the others read its cache
+        pair = pair if pair is not None else build_pair(config)
+        prompts = prompts if prompts is not None else resolve_prompts(config.prompts, config.cache_dir,
+                                                                      config.prompt_words)
     judge = judge if judge is not None else build_judge(config)
-    trainer = RLOOTrainer(config, pair, prompts, judge, recorder=recorder)
+    trainer = RLOOTrainer(config, pair, prompts, judge, recorder=recorder, parallel=parallel)
     history = trainer.run(resume=resume)
+    if not parallel.is_main:
+        return trainer
     print(summary_table(history))
     print(f"[zopro-train] counters: {trainer.counters}")
     if config.plot:
@@ -87,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
         print(f"zopro-train: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -68,6 +68,8 @@ class TrainConfig:
     reward_warmup: bool = True             # fit R_0 on pairs from π_0 before iteration 0
 
     # bookkeeping
+    device: str = "auto"                   # "auto": this process's GPU (LOCAL_RANK under torchrun) if any, else cpu
+    time_budget_s: float | None = None     # end the run after this much training time (held-out evals excluded)
     seed: int = 0
     eval_prompts: int = 16                 # held-out prompts scored before and after each iteration
     snapshot_every: int | None = None      # recorder snapshots of the policy every N steps
@@ -89,6 +91,8 @@ class TrainConfig:
         if self.max_prompt_tokens + self.max_new_tokens > self.max_length:
             raise ValueError(f"max_prompt_tokens + max_new_tokens = {self.max_prompt_tokens + self.max_new_tokens}"
                              f" is over max_length {self.max_length}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
         for name in ("iterations", "batch_prompts", "reward_epochs", "reward_batch_size", "logprob_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")

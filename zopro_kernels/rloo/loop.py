@@ -7,6 +7,10 @@
         checkpoint (temp file + rename)
 
 Iteration 0 has no Δπ: first order by default (as published) or unguided SPSA.
+
+Under ``torchrun`` the loop is data parallel (``parallel.py``): each process samples, scores and
+judges its share of the prompts; losses, gradients and metrics are reduced, so the weights stay
+identical on every process; rank 0 alone writes metrics, checkpoints and recorder snapshots.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .judges import JudgeError, call_judge
 from .objective import mean_finite, policy_loss, score_rollout
+from .parallel import DataParallel, tensor_fingerprint, text_fingerprint
 from .refine import PreferencePairs, finite_pairs, pair_accuracy, refine_reward_model, reward_optimizer
 from .sampling import sample_completions
 
@@ -31,9 +36,10 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
-def derived_seed(seed: int, iteration: int, step: int, purpose: int) -> int:
-    """A seed per (iteration, step, purpose): a rerun from any iteration draws the same samples."""
-    value = (seed * 0x9E3779B1 + iteration * 1_000_003 + step * 10_007 + purpose * 101) & 0xFFFFFFFF
+def derived_seed(seed: int, iteration: int, step: int, purpose: int, rank: int = 0) -> int:
+    """A seed per (iteration, step, purpose, process): a rerun from any iteration draws the same samples."""
+    value = (seed * 0x9E3779B1 + iteration * 1_000_003 + step * 10_007 + purpose * 101
+             + rank * 0x2545F491) & 0xFFFFFFFF
     return value
 
 
@@ -50,10 +56,18 @@ class RLOOTrainer:
     "policy" and "reward" (LoRA tensors keyed by slot name, shared by both roles) once with the
     initial weights (iteration −1, step 0), at the end of each iteration, and for "policy" every
     ``snapshot_every`` steps when set.
+
+    ``parallel``: a ``DataParallel`` (default: the world group when torch.distributed is
+    initialised, else one process). Every process constructs the trainer with the same config,
+    model and prompts (checked); ``batch_prompts`` is the global batch of a step.
     """
 
-    def __init__(self, config: TrainConfig, pair, prompts: list[str], judge, *, recorder=None):
+    def __init__(self, config: TrainConfig, pair, prompts: list[str], judge, *, recorder=None, parallel=None):
         self.config, self.pair, self.judge, self.recorder = config, pair, judge, recorder
+        self.parallel = parallel if parallel is not None else DataParallel()
+        if config.batch_prompts % self.parallel.world_size:
+            raise ValueError(f"batch_prompts={config.batch_prompts} must be a multiple of the number of "
+                             f"processes ({self.parallel.world_size}): each takes an equal share of a step")
         self.prompts, self.eval_prompts, self.skipped_long_prompts = self._split_prompts(prompts)
         self.chunk_size = max(1, round(config.prompt_fraction * len(self.prompts)))
         self.steps = config.steps_per_iteration or max(1, math.ceil(self.chunk_size / config.batch_prompts))
@@ -62,7 +76,7 @@ class RLOOTrainer:
                                         weight_decay=config.weight_decay)
                       if config.optimizer == "adamw" or config.first_iteration == "adamw" else None)
         self.reward_adamw = reward_optimizer(pair, config.reward_lr)
-        self.next_iteration, self.global_step = 0, 0
+        self.next_iteration, self.global_step, self.train_seconds = 0, 0, 0.0
         self.delta_sq = {"first": None, "last": None}  # ‖Δπ‖² of the first and the latest iteration
         self.counters = {"judge_failures": 0, "nonfinite_reward_prompts": 0, "nonfinite_reward_pairs": 0,
                          "skipped_steps": 0, "skipped_long_prompts": self.skipped_long_prompts}
@@ -70,6 +84,24 @@ class RLOOTrainer:
         os.makedirs(config.output_dir, exist_ok=True)
         self.metrics_path = os.path.join(config.output_dir, METRICS)
         self.checkpoint_path = os.path.join(config.output_dir, CHECKPOINT)
+        self._agree_on_start(prompts)
+
+    def _agree_on_start(self, prompts: list[str]):
+        """Data parallel: the same config, prompts and base on every process; adapters from rank 0."""
+        parallel = self.parallel
+        if not parallel.active:
+            return
+        config = self.config.to_dict()
+        config.pop("output_dir")  # may differ per process (each may keep its own copy)
+        parallel.check_same("config", text_fingerprint(config))
+        parallel.check_same("prompt list", text_fingerprint(prompts))
+        base = [p for name, p in self.pair.model.named_parameters() if ".lora_" not in name]
+        parallel.check_same("base model weights", tensor_fingerprint(base))
+        parallel.broadcast_tensors(list(self.pair.policy_parameters.values())
+                                   + list(self.pair.reward_parameters.values())
+                                   + list(self.pair.value_head.parameters()))
+        if self.zo is not None:
+            self.zo.sync_from_model()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -96,7 +128,7 @@ class RLOOTrainer:
         c = self.config
         return ZOPrO(self.pair.named_policy_parameters(), lr=c.lr, eps=c.eps, seed=c.seed,
                      weight_decay=c.weight_decay, alpha=c.alpha, steps_per_iteration=self.steps,
-                     granularity=c.granularity)
+                     granularity=c.granularity, process_group=self.parallel.group)
 
     def iteration_mode(self, iteration: int) -> str:
         c = self.config
@@ -112,12 +144,14 @@ class RLOOTrainer:
     # -- metrics -----------------------------------------------------------------------------
 
     def log(self, record: dict):
+        if not self.parallel.is_main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def _truncate_metrics(self, last_iteration: int):
         """After a resume, drop records of the iteration the kill interrupted (it reruns)."""
-        if not os.path.exists(self.metrics_path):
+        if not self.parallel.is_main or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path, encoding="utf-8") as handle:
             kept = [line for line in handle if line.strip() and json.loads(line).get("iteration", -1) <= last_iteration]
@@ -127,7 +161,7 @@ class RLOOTrainer:
         os.replace(temporary, self.metrics_path)
 
     def record(self, role: str, iteration: int):
-        if self.recorder is None:
+        if self.recorder is None or not self.parallel.is_main:
             return
         tensors = self.pair.policy_tensors() if role == "policy" else self.pair.reward_tensors()
         self.recorder.record(role, tensors, iteration, self.global_step)
@@ -135,57 +169,76 @@ class RLOOTrainer:
     # -- the parts of an iteration -----------------------------------------------------------
 
     def sample(self, prompts, *, k, seed):
+        """k completions per prompt; None for no prompts (a process whose share is empty)."""
         c = self.config
+        if not prompts:
+            return None
         with self.pair.adapter(self.pair.policy_adapter):
             return sample_completions(self.pair, prompts, k=k, max_new_tokens=c.max_new_tokens,
                                       max_prompt_tokens=c.max_prompt_tokens, temperature=c.temperature,
                                       top_k=c.top_k, top_p=c.top_p, seed=seed)
 
+    def say(self, message: str):
+        if self.parallel.is_main:
+            print(f"[zopro-train] {message}")
+
     def task_score(self, rollout) -> float:
+        """The judge's mean score of the rollout's completions, over every process's rollout."""
         score = getattr(self.judge, "score", None)
         if score is None:
             return math.nan
         values = []
-        for row, text in enumerate(rollout.completions):
+        for row, text in enumerate(rollout.completions if rollout is not None else []):
             try:
                 values.append(score(rollout.prompts[row // rollout.k], text))
             except Exception:  # counted through the judge path; a score is only a metric here
-                pass
-        return sum(values) / len(values) if values else math.nan
+                values.append(math.nan)
+        return self.parallel.mean_of(torch.tensor(values, dtype=torch.float64))
 
     def policy_step(self, iteration: int, step_in_iteration: int, prompts: list[str], mode: str) -> dict:
-        c = self.config
+        """One step on ``prompts`` (the global batch; this process samples its share)."""
+        c, parallel = self.config, self.parallel
         started = time.perf_counter()
-        rollout = self.sample(prompts, k=c.k, seed=derived_seed(c.seed, iteration, step_in_iteration, 1))
+        rollout = self.sample(parallel.shard(prompts), k=c.k,
+                              seed=derived_seed(c.seed, iteration, step_in_iteration, 1, parallel.rank))
         batch = score_rollout(self.pair, rollout, beta=c.beta, chunk_size=c.logprob_chunk)
-        self.counters["nonfinite_reward_prompts"] += batch.dropped_prompts
+        completions = parallel.gather_int(batch.advantages.numel())
+        dropped = int(parallel.sum([batch.dropped_prompts])[0])
+        self.counters["nonfinite_reward_prompts"] += dropped
         record = {"iteration": iteration, "step": self.global_step, "step_in_iteration": step_in_iteration,
-                  "mode": mode, "dropped_prompts": batch.dropped_prompts}
-        if batch.advantages.numel() == 0:
+                  "mode": mode, "dropped_prompts": dropped}
+        if min(completions) == 0:  # one process has nothing to evaluate: the whole step is skipped
             self.counters["skipped_steps"] += 1
-            print(f"[zopro-train] step {self.global_step}: every reward was NaN/inf; step skipped")
+            self.say(f"step {self.global_step}: every reward was NaN/inf on a process; step skipped")
             return record | {"skipped": True}
 
         def closure():
             return policy_loss(self.pair, batch, kind=c.objective, clip=c.clip, chunk_size=c.logprob_chunk)
 
         if mode == "adamw":
+            parameters = list(self.pair.policy_parameters.values())
             self.adamw.zero_grad(set_to_none=True)
             loss = closure()
+            if parallel.active:  # the global mean: each process's mean weighted by its share
+                loss = loss * (completions[parallel.rank] / sum(completions))
             loss.backward()
+            value = parallel.sum_gradients(parameters, loss)
             self.adamw.step()
             self.adamw.zero_grad(set_to_none=True)
-            record |= {"J": float(loss.detach()), "lr": self.adamw.param_groups[0]["lr"]}
+            record |= {"J": value, "lr": self.adamw.param_groups[0]["lr"]}
         else:
             self.zo.param_groups[0]["lr"] = self.guided_lr() if mode == "zopro" else c.spsa_lr
-            loss = self.zo.step(closure)
+            loss = self.zo.step(closure)  # J₊, J₋ averaged over the processes inside ZOPrO
             last = self.zo.last_step
             record |= {"J": float(loss), "J_plus": float(last["loss_plus"]), "J_minus": float(last["loss_minus"]),
                        "g": float(last["projected_grad"]), "alpha": float(last["alpha"]),
                        "lr": self.zo.param_groups[0]["lr"], "nonfinite_steps": int(self.zo.nonfinite_steps)}
-        record |= {"reward": mean_finite(batch.rewards), "reward_model_score": mean_finite(batch.scores),
-                   "kl": mean_finite(batch.kl), "task_score": self.task_score(batch.rollout),
-                   "seconds": time.perf_counter() - started, "peak_memory_bytes": peak_memory_bytes(self.pair.device)}
+        record |= {"reward": parallel.mean_of(batch.rewards), "reward_model_score": parallel.mean_of(batch.scores),
+                   "kl": parallel.mean_of(batch.kl), "task_score": self.task_score(batch.rollout),
+                   "seconds": parallel.max(time.perf_counter() - started),
+                   "peak_memory_bytes": int(parallel.max(peak_memory_bytes(self.pair.device)))}
+        if parallel.active:
+            record["processes"] = parallel.world_size
         return record
 
     def guided_lr(self) -> float:
@@ -195,10 +248,12 @@ class RLOOTrainer:
         return self.config.lr * first / last
 
     def preference_pairs(self, iteration: int, prompts: list[str], purpose: int) -> tuple[PreferencePairs, dict]:
-        """Two generations per prompt from the current policy, judged into accepted/rejected."""
-        rollout = self.sample(prompts, k=2, seed=derived_seed(self.config.seed, iteration, 0, purpose))
+        """Two generations per prompt (this process's share) from the current policy, judged."""
+        parallel = self.parallel
+        prompts = parallel.shard(prompts)
+        rollout = self.sample(prompts, k=2, seed=derived_seed(self.config.seed, iteration, 0, purpose, parallel.rank))
         accepted, rejected, failures, first_error = [], [], 0, None
-        for i, prompt in enumerate(rollout.prompts):
+        for i, prompt in enumerate(rollout.prompts if rollout is not None else []):
             a, b = 2 * i, 2 * i + 1
             try:
                 verdict = call_judge(self.judge, prompt, rollout.completions[a], rollout.completions[b])
@@ -208,44 +263,67 @@ class RLOOTrainer:
                 continue
             accepted.append(a if verdict == 0 else b)
             rejected.append(b if verdict == 0 else a)
+        failures, judged, asked = (int(v) for v in parallel.sum([failures, len(accepted), len(prompts)]))
         self.counters["judge_failures"] += failures
         if failures:
-            print(f"[zopro-train] iteration {iteration}: {failures} judge call(s) skipped; first: {first_error}")
-        if not accepted and prompts:
+            self.say(f"iteration {iteration}: {failures} judge call(s) skipped; first: {first_error}")
+        if not judged and asked:  # decided on the global counts: every process raises together
             raise JudgeError(f"every judge call failed in iteration {iteration}; first: {first_error}")
         acc, rej = torch.tensor(accepted, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
-        ids, mask = rollout.input_ids, rollout.attention_mask
+        if rollout is None:
+            ids = mask = torch.zeros(0, 1, dtype=torch.long, device=self.pair.device)
+        else:
+            ids, mask = rollout.input_ids, rollout.attention_mask
         pairs = PreferencePairs(ids[acc], mask[acc], ids[rej], mask[rej])
-        return pairs, {"pairs": len(accepted), "judge_failures": failures}
+        return pairs, {"pairs": judged, "judge_failures": failures}
 
     def refine(self, iteration: int, prompts: list[str], purpose: int) -> dict:
         c = self.config
         pairs, info = self.preference_pairs(iteration, prompts, purpose)
         pairs, nonfinite = finite_pairs(self.pair, pairs)
+        nonfinite = int(self.parallel.sum([nonfinite])[0])
         if nonfinite:
             self.counters["nonfinite_reward_pairs"] += nonfinite
-            print(f"[zopro-train] iteration {iteration}: {nonfinite} pair(s) with NaN/inf reward scores skipped")
+            self.say(f"iteration {iteration}: {nonfinite} pair(s) with NaN/inf reward scores skipped")
         info["nonfinite_reward_pairs"] = nonfinite
-        before = pair_accuracy(self.pair, pairs)
+        before = pair_accuracy(self.pair, pairs, parallel=self.parallel)
+        # the minibatch order must not depend on the process: the unranked seed
         losses = refine_reward_model(self.pair, pairs, self.reward_adamw, epochs=c.reward_epochs,
-                                     batch_size=c.reward_batch_size, seed=derived_seed(c.seed, iteration, 0, purpose))
+                                     batch_size=c.reward_batch_size, seed=derived_seed(c.seed, iteration, 0, purpose),
+                                     parallel=self.parallel)
         return info | {"bt_loss_first": losses[0] if losses else math.nan,
                        "bt_loss_last": losses[-1] if losses else math.nan,
-                       "pair_accuracy_before": before, "pair_accuracy_after": pair_accuracy(self.pair, pairs)}
+                       "pair_accuracy_before": before,
+                       "pair_accuracy_after": pair_accuracy(self.pair, pairs, parallel=self.parallel)}
 
     def evaluate(self, iteration: int) -> float:
-        """Mean task score of the held-out prompts (same sampling seed every time: comparable)."""
+        """Mean task score of the held-out prompts (same sampling seed every time: comparable).
+
+        Logged with the training time so far (``train_seconds``, evaluations excluded) and the step.
+        """
         if not self.eval_prompts or getattr(self.judge, "score", None) is None:
             return math.nan
-        rollout = self.sample(self.eval_prompts, k=2, seed=derived_seed(self.config.seed, 0, 0, 9))
+        prompts = self.parallel.shard(self.eval_prompts)
+        rollout = self.sample(prompts, k=2, seed=derived_seed(self.config.seed, 0, 0, 9, self.parallel.rank))
         value = self.task_score(rollout)
-        self.log({"event": "eval", "iteration": iteration, "task_score": value})
+        self.log({"event": "eval", "iteration": iteration, "task_score": value,
+                  "train_seconds": self.train_seconds, "global_step": self.global_step})
         return value
 
     # -- the loop ----------------------------------------------------------------------------
 
+    def out_of_time(self, iteration_started: float) -> bool:
+        """``time_budget_s`` spent (decided together: processes never disagree about stopping)."""
+        budget = self.config.time_budget_s
+        if budget is None:
+            return False
+        return self.parallel.any(self.train_seconds + time.perf_counter() - iteration_started >= budget)
+
     def run_iteration(self, iteration: int, progress) -> dict:
+        """Steps, refinement and guidance of one iteration; with ``time_budget_s`` spent mid-way the
+        iteration (and the run) ends after the current step, without a refinement."""
         c = self.config
+        started = time.perf_counter()
         mode = self.iteration_mode(iteration)
         prompts = self.chunk(iteration)
         if iteration == 0 and c.reward_warmup:
@@ -254,7 +332,7 @@ class RLOOTrainer:
         if iteration == 0 and c.optimizer == "zopro":
             self.zo.mark_iteration()  # θ_0: Δπ_0 is formed at the end of this iteration
         policy_at_start = self.pair.policy_tensors() if c.rescale_guided_lr else None
-        rewards = []
+        rewards, stopped = [], False
         for step in range(self.steps):
             batch_prompts = [prompts[(step * c.batch_prompts + j) % len(prompts)] for j in range(c.batch_prompts)]
             record = self.policy_step(iteration, step, batch_prompts, mode)
@@ -266,6 +344,19 @@ class RLOOTrainer:
             progress.set_postfix(it=iteration, mode=mode, J=f"{record.get('J', math.nan):.4g}",
                                  score=f"{record.get('task_score', math.nan):.3f}")
             progress.update(1)
+            if self.out_of_time(started):
+                stopped = step < self.steps - 1 or iteration < c.iterations - 1
+                break
+        if stopped:
+            self.train_seconds += time.perf_counter() - started
+            self.say(f"time budget of {c.time_budget_s:g} s spent after step {self.global_step}; the run ends")
+            self.record("policy", iteration)
+            summary = {"event": "iteration", "iteration": iteration, "mode": mode, "steps": step + 1,
+                       "stopped": "time_budget", "train_seconds": self.train_seconds,
+                       "mean_task_score": mean_finite(torch.tensor(rewards, dtype=torch.float64))}
+            summary["eval_task_score"] = self.evaluate(iteration)
+            self.log(summary)
+            return summary
         if self.zo is not None and mode == "adamw":
             self.zo.sync_from_model()  # AdamW moved the weights outside ZOPrO
         if c.optimizer == "zopro":
@@ -282,7 +373,9 @@ class RLOOTrainer:
             self.zo.set_guidance(reward_delta=reward_delta)
         self.record("policy", iteration)
         self.record("reward", iteration)
+        self.train_seconds += time.perf_counter() - started
         summary = {"event": "iteration", "iteration": iteration, "mode": mode, "steps": self.steps,
+                   "train_seconds": self.train_seconds,
                    "mean_task_score": mean_finite(torch.tensor(rewards, dtype=torch.float64))} | refinement
         summary["eval_task_score"] = self.evaluate(iteration)
         self.log(summary)
@@ -291,6 +384,7 @@ class RLOOTrainer:
     def state(self) -> dict:
         return {
             "next_iteration": self.next_iteration, "global_step": self.global_step,
+            "train_seconds": self.train_seconds,
             "policy": self.pair.policy_tensors(), "reward": self.pair.reward_tensors(),
             "value_head": self.pair.value_head.state_dict(),
             "zo": self.zo.state_dict() if self.zo is not None else None,
@@ -309,13 +403,22 @@ class RLOOTrainer:
             self.adamw.load_state_dict(state["adamw"])
         self.reward_adamw.load_state_dict(state["reward_adamw"])
         self.next_iteration, self.global_step = state["next_iteration"], state["global_step"]
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.counters.update(state["counters"])
         self.delta_sq = dict(state.get("delta_sq", {"first": None, "last": None}))
         self.history = list(state["history"])
 
     def resume(self) -> bool:
         """Continue from the last checkpoint of ``output_dir`` (False when there is none)."""
-        state = load_checkpoint(self.checkpoint_path)
+        state = None
+        if self.parallel.is_main:  # read once, handed to every process (no shared filesystem needed)
+            try:
+                state = load_checkpoint(self.checkpoint_path)
+            except RuntimeError as error:
+                state = error
+        state = self.parallel.broadcast_object(state)
+        if isinstance(state, Exception):
+            raise RuntimeError(str(state))
         if state is None:
             return False
         for key in ("model", "seed", "optimizer", "lora_r", "lora_targets"):
@@ -331,19 +434,24 @@ class RLOOTrainer:
 
         c = self.config
         if resume and self.resume():
-            print(f"[zopro-train] resumed from {self.checkpoint_path} at iteration {self.next_iteration}")
-        elif os.path.exists(self.metrics_path):
+            self.say(f"resumed from {self.checkpoint_path} at iteration {self.next_iteration}")
+        elif self.parallel.is_main and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run: no stale records
         if self.next_iteration == 0:
             self.record("policy", -1)
             self.record("reward", -1)
-            self.history = [{"event": "eval", "iteration": -1, "task_score": self.evaluate(-1)}]
+            self.history = [{"event": "eval", "iteration": -1, "task_score": self.evaluate(-1),
+                             "train_seconds": 0.0, "global_step": 0}]
         total = c.iterations * self.steps
-        with tqdm(total=total, initial=self.next_iteration * self.steps, disable=not c.progress,
-                  desc="zopro-train") as progress:
+        with tqdm(total=total, initial=self.next_iteration * self.steps,
+                  disable=not (c.progress and self.parallel.is_main), desc="zopro-train") as progress:
             for iteration in range(self.next_iteration, c.iterations):
                 summary = self.run_iteration(iteration, progress)
                 self.history.append(summary)
-                self.next_iteration = iteration + 1
-                save_checkpoint(self.state(), self.checkpoint_path)
+                # a run stopped by its time budget is over: a resume has nothing left to do
+                self.next_iteration = c.iterations if summary.get("stopped") else iteration + 1
+                if self.parallel.is_main:
+                    save_checkpoint(self.state(), self.checkpoint_path)
+                if summary.get("stopped"):
+                    break
         return self.history

@@ -25,8 +25,21 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_base_model(path: str, *, dtype="float32", load_in_4bit: bool = False):
-    """A causal LM and its tokenizer from a local HF directory (or a directory + GGUF, see assets)."""
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto": this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU."""
+    if device != "auto":
+        resolved = torch.device(device)
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+        return resolved
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_base_model(path: str, *, dtype="float32", load_in_4bit: bool = False, device: str = "auto"):
+    """A causal LM and its tokenizer from a local HF directory (or a directory + GGUF, see assets),
+    on ``device`` (see ``resolve_device``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(path):
@@ -42,8 +55,12 @@ def load_base_model(path: str, *, dtype="float32", load_in_4bit: bool = False):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
         )
-        kwargs["device_map"] = "cpu" if not torch.cuda.is_available() else "cuda"
+    target = resolve_device(device)
+    if load_in_4bit:
+        kwargs["device_map"] = {"": str(target)}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not load_in_4bit:
+        model = model.to(target)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,8 @@ def bradley_terry_loss(pair, pairs: PreferencePairs) -> torch.Tensor:
 @torch.no_grad()
 def finite_pairs(pair, pairs: PreferencePairs) -> tuple[PreferencePairs, int]:
     """The pairs whose two reward scores are finite, and how many were dropped."""
+    if len(pairs) == 0:
+        return pairs, 0
     margin = (reward_scores(pair, pairs.accepted_ids, pairs.accepted_mask)
               - reward_scores(pair, pairs.rejected_ids, pairs.rejected_mask))
     keep = torch.isfinite(margin).nonzero().flatten().cpu()
@@ -51,34 +54,56 @@ def finite_pairs(pair, pairs: PreferencePairs) -> tuple[PreferencePairs, int]:
 
 
 @torch.no_grad()
-def pair_accuracy(pair, pairs: PreferencePairs, batch_size: int = 32) -> float:
-    """Share of pairs the reward model orders as the judge did."""
+def pair_accuracy(pair, pairs: PreferencePairs, batch_size: int = 32, parallel=None) -> float:
+    """Share of pairs the reward model orders as the judge did (over every process's pairs)."""
     correct = 0
     for start in range(0, len(pairs), batch_size):
         part = pairs.subset(torch.arange(start, min(start + batch_size, len(pairs))))
         margin = (reward_scores(pair, part.accepted_ids, part.accepted_mask)
                   - reward_scores(pair, part.rejected_ids, part.rejected_mask))
         correct += int((margin > 0).sum())
+    if parallel is not None:
+        correct, count = parallel.sum([correct, len(pairs)])
+        return correct / max(count, 1)
     return correct / max(len(pairs), 1)
 
 
 def refine_reward_model(pair, pairs: PreferencePairs, optimizer: torch.optim.Optimizer, *, epochs: int = 1,
-                        batch_size: int = 8, seed: int = 0) -> list[float]:
-    """A few epochs of Bradley–Terry on the pairs; returns the loss of each minibatch."""
+                        batch_size: int = 8, seed: int = 0, parallel=None) -> list[float]:
+    """A few epochs of Bradley–Terry on the pairs; returns the loss of each minibatch.
+
+    Data parallel (``parallel``): the pairs are every process's pairs, concatenated in rank
+    order; all processes draw the same minibatches of that global list, each computes the loss
+    of its own members (scaled by their share of the minibatch) and the gradients are summed —
+    the same update as one process holding every pair, applied on every process.
+    """
     losses = []
-    if len(pairs) == 0:
+    counts = parallel.gather_int(len(pairs)) if parallel is not None else [len(pairs)]
+    rank = parallel.rank if parallel is not None else 0
+    total, offset = sum(counts), sum(counts[:rank])
+    if total == 0:
         return losses
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(seed)
     pair.value_head.train()
     for _ in range(epochs):
-        order = torch.randperm(len(pairs), generator=generator)
-        for start in range(0, len(pairs), batch_size):
+        order = torch.randperm(total, generator=generator)
+        for start in range(0, total, batch_size):
+            chosen = order[start:start + batch_size]
+            mine = chosen[(chosen >= offset) & (chosen < offset + len(pairs))] - offset
             optimizer.zero_grad(set_to_none=True)
-            loss = bradley_terry_loss(pair, pairs.subset(order[start:start + batch_size]))
-            if not torch.isfinite(loss):
+            if len(mine):
+                loss = bradley_terry_loss(pair, pairs.subset(mine))
+                if len(mine) != len(chosen):
+                    loss = loss * (len(mine) / len(chosen))
+                if torch.isfinite(loss):
+                    loss.backward()
+            else:
+                loss = torch.zeros(())
+            value = parallel.sum_gradients(parameters, loss) if parallel is not None else float(loss.detach())
+            if not math.isfinite(value):
                 raise FloatingPointError("Bradley–Terry loss is not finite; lower the reward learning rate")
-            loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(value)
     optimizer.zero_grad(set_to_none=True)
     return losses
