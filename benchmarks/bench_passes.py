@@ -11,9 +11,6 @@ Writes benchmarks/results/passes-<device>-<backend>-<date>.json and .md (and pri
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_shapes import lora_shapes  # noqa: E402
+from results_io import command_argv, environment, results_stem, write_results  # noqa: E402
 
 from zopro_kernels import ZOPrO  # noqa: E402
 
@@ -131,31 +129,6 @@ def run(arch, backend, device, dtype, reps):
     return rows
 
 
-def environment(device) -> dict:
-    info = {"date": dt.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-            "command": " ".join(sys.argv)}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        try:
-            import subprocess
-
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True).stdout.strip()
-        except OSError:
-            info["driver"] = None
-    else:
-        info["gpu"] = None
-        info["cpu"] = platform.processor() or platform.machine()
-    return info
-
-
 def markdown(rows, env) -> str:
     lines = [f"Passes over LoRA r=64 weights — {env.get('gpu') or env.get('cpu')}, {env['date']}, "
              f"backend {env.get('backend', 'auto')}, torch {env['torch']}, triton {env['triton']}", "",
@@ -176,18 +149,13 @@ def main(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    env = environment(device)
+    env = environment(device, command_argv(__file__, argv))
     env["backend"] = args.backend  # auto | torch | triton | cuda: one results file per backend
     rows = []
     for arch in args.arch:
         rows += run(arch, args.backend, device, getattr(torch, args.dtype), args.reps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = (env.get("gpu") or "cpu").replace(" ", "-").lower()
-    stem = out / f"passes-{tag}-{args.backend}-{env['date']}"
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     table = markdown(rows, env)
-    stem.with_suffix(".md").write_text(table)
+    write_results(results_stem(args.out, "passes", env, args.backend), env, rows, table)
     print(table)
     return rows
 
