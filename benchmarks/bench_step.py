@@ -35,7 +35,6 @@ import argparse
 import gc
 import json
 import math
-import resource
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ from results_io import (command_argv, environment, environment_line, matplotlib_
 from step_models import policy_and_reward, random_llama  # noqa: E402
 
 from zopro_kernels import ZOPrO  # noqa: E402
+from zopro_kernels.rloo.loop import peak_memory_bytes as peak_bytes  # noqa: E402  (the loop's own measure)
 from zopro_kernels.rloo.objective import policy_loss, score_rollout  # noqa: E402
 from zopro_kernels.rloo.sampling import Rollout  # noqa: E402
 
@@ -98,12 +98,6 @@ def reset_peak(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 def memory_kind(device: torch.device) -> str:

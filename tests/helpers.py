@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+import zopro_kernels as zk
 from zopro_kernels import ZOPrO
+from zopro_kernels.philox import reference_noise
 from zopro_kernels.reference import reference_direction
 from zopro_kernels.seeds import step_seed
 
@@ -135,3 +137,21 @@ def check_restored_after_cycles(params, opt, shapes, cycles):
         opt.step(closure)
     assert all(moved)
     assert all(torch.equal(p, q) for p, q in zip(params, initial))
+
+
+def check_noise_against_reference(backend, device, seed, start, numel):
+    """A backend's noise within 2x of plain fp32 PyTorch's error against float64 (plus a hair for
+    log/cos ulps)."""
+    got = zk.noise(seed, start, numel, device=device, backend=backend).double().cpu()
+    exact = reference_noise(seed, start, numel, dtype=torch.float64)
+    plain_fp32 = reference_noise(seed, start, numel, dtype=torch.float32).double()
+    error, plain = (got - exact).abs().max().item(), (plain_fp32 - exact).abs().max().item()
+    assert error <= 2 * plain + 1e-6, (error, plain)
+
+
+def check_noise_independent_of_range_start(backend, device, seed, ranges):
+    """Any (start, numel) range of the noise equals that slice of one long range."""
+    whole = zk.noise(seed, 0, 3000, device=device, backend=backend)
+    for start, numel in ranges:
+        part = zk.noise(seed, start, numel, device=device, backend=backend)
+        assert torch.equal(part, whole[start : start + numel])

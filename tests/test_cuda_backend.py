@@ -36,6 +36,8 @@ from .helpers import (
     captured_step,
     check_bf16_guidance,
     check_guidance_variant,
+    check_noise_against_reference,
+    check_noise_independent_of_range_start,
     check_restored_after_cycles,
     check_step_against_reference,
     guidance,
@@ -330,20 +332,11 @@ def cuda_target(request):
 
 @pytest.mark.parametrize("start,numel", [(0, 1), (3, 1), (5, 4099), (2**33 + 7, 300)], ids=str)
 def test_noise_matches_float64_reference(cuda_target, start, numel):
-    backend, device = cuda_target
-    got = zk.noise(SEED, start, numel, device=device, backend=backend).double().cpu()
-    exact = reference_noise(SEED, start, numel, dtype=torch.float64)
-    plain_fp32 = reference_noise(SEED, start, numel, dtype=torch.float32).double()
-    error, plain = (got - exact).abs().max().item(), (plain_fp32 - exact).abs().max().item()
-    assert error <= 2 * plain + 1e-6, (error, plain)
+    check_noise_against_reference(*cuda_target, SEED, start, numel)
 
 
 def test_noise_is_independent_of_range_start(cuda_target):
-    backend, device = cuda_target
-    whole = zk.noise(SEED, 0, 3000, device=device, backend=backend)
-    for start, numel in [(1, 1), (2, 7), (1023, 900), (2047, 953), (0, 0)]:
-        part = zk.noise(SEED, start, numel, device=device, backend=backend)
-        assert torch.equal(part, whole[start : start + numel])
+    check_noise_independent_of_range_start(*cuda_target, SEED, [(1, 1), (2, 7), (1023, 900), (2047, 953), (0, 0)])
 
 
 BLOCKS = [pytest.param("4096", id="block4096"), pytest.param("16", id="block16")]

@@ -7,6 +7,8 @@ import zopro_kernels as zk
 from zopro_kernels.philox import philox4x32, reference_noise
 from zopro_kernels.seeds import step_seed
 
+from .helpers import check_noise_against_reference, check_noise_independent_of_range_start
+
 SEED = 0x5EED_1234_ABCD
 
 
@@ -39,20 +41,11 @@ def test_philox_known_answer():
 
 @pytest.mark.parametrize("start,numel", [(0, 1), (3, 1), (5, 4099), (2**33 + 7, 300)], ids=str)
 def test_backend_noise_matches_float64_reference(target, start, numel):
-    backend, device = target
-    got = zk.noise(SEED, start, numel, device=device, backend=backend).double().cpu()
-    exact = reference_noise(SEED, start, numel, dtype=torch.float64)
-    plain_fp32 = reference_noise(SEED, start, numel, dtype=torch.float32).double()
-    # Kernel error within 2x of what plain fp32 PyTorch gets (plus a hair for log/cos ulps).
-    assert (got - exact).abs().max() <= 2 * (plain_fp32 - exact).abs().max() + 1e-6
+    check_noise_against_reference(*target, SEED, start, numel)
 
 
 def test_noise_is_independent_of_range_start(target):
-    backend, device = target
-    whole = zk.noise(SEED, 0, 3000, device=device, backend=backend)
-    for start, numel in [(1, 1), (2, 7), (1023, 900), (2047, 953)]:
-        part = zk.noise(SEED, start, numel, device=device, backend=backend)
-        assert torch.equal(part, whole[start : start + numel])
+    check_noise_independent_of_range_start(*target, SEED, [(1, 1), (2, 7), (1023, 900), (2047, 953)])
 
 
 def test_triton_noise_is_independent_of_block_size(kernel_target, monkeypatch):

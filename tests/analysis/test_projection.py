@@ -72,21 +72,16 @@ def _clusters_stay_apart(coordinates):
     return between > within
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_tsne_when_installed(dims):
-    pytest.importorskip("openTSNE", reason="openTSNE (optional extra) not installed")
-    coordinates = project(_structured_points(), "tsne", dims, seed=0)
-    assert coordinates.shape == (24, dims) and np.isfinite(coordinates).all()
-    assert _clusters_stay_apart(coordinates)
-
-
-@pytest.mark.skipif(
+UMAP_OPT_IN = pytest.mark.skipif(
     not os.environ.get("ZOPRO_TEST_UMAP"),
     reason="umap-learn compiles with numba on first use (~40 s on 2 cores): set ZOPRO_TEST_UMAP=1 to run",
 )
+
+
+@pytest.mark.parametrize("method,module", [("tsne", "openTSNE"), pytest.param("umap", "umap", marks=UMAP_OPT_IN)])
 @pytest.mark.parametrize("dims", [2, 3])
-def test_umap_when_installed(dims):
-    pytest.importorskip("umap", reason="umap-learn (optional extra) not installed")
-    coordinates = project(_structured_points(), "umap", dims, seed=0)
+def test_optional_projection_when_installed(method, module, dims):
+    pytest.importorskip(module, reason=f"{module} (optional extra) not installed")
+    coordinates = project(_structured_points(), method, dims, seed=0)
     assert coordinates.shape == (24, dims) and np.isfinite(coordinates).all()
     assert _clusters_stay_apart(coordinates)

@@ -102,27 +102,12 @@ def plot_metrics_over_iterations(metrics: dict, path) -> Path:
     top.legend(fontsize=8, loc="lower right")
 
     consecutive = _global_pairs(metrics, "policy_consecutive")
-    middle.plot(
-        [r["iteration"] for r in consecutive],
-        [r["cosine"] for r in consecutive],
-        "o-",
-        color=ROLE_COLOURS["policy"],
-        label="cos(Δπ_t, Δπ_{t+1})",
-    )
-    middle.plot(
-        [r["iteration"] for r in guided],
-        [r["pearson"] for r in guided],
-        "s--",
-        color="#2ca02c",
-        label="Pearson(ΔR_t, Δπ_{t+1})",
-    )
-    middle.plot(
-        [r["iteration"] for r in consecutive],
-        [r["pearson"] for r in consecutive],
-        "^:",
-        color="#9467bd",
-        label="Pearson(Δπ_t, Δπ_{t+1})",
-    )
+    for rows, key, style, colour, label in (
+        (consecutive, "cosine", "o-", ROLE_COLOURS["policy"], "cos(Δπ_t, Δπ_{t+1})"),
+        (guided, "pearson", "s--", "#2ca02c", "Pearson(ΔR_t, Δπ_{t+1})"),
+        (consecutive, "pearson", "^:", "#9467bd", "Pearson(Δπ_t, Δπ_{t+1})"),
+    ):
+        middle.plot([r["iteration"] for r in rows], [r[key] for r in rows], style, color=colour, label=label)
     middle.axhline(0, color="grey", linewidth=0.8)
     middle.set_ylim(-1.05, 1.05)
     middle.set_ylabel("cosine / correlation")

@@ -100,8 +100,8 @@ class RLOOTrainer:
         parallel.broadcast_tensors(list(self.pair.policy_parameters.values())
                                    + list(self.pair.reward_parameters.values())
                                    + list(self.pair.value_head.parameters()))
-        if self.zo is not None:
-            self.zo.sync_from_model()
+        if self.zo is not None:  # build its engine now, on every process (that is collective):
+            self.zo.sync_from_model()  # rank 0 alone calls state_dict() for checkpoints later
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -182,18 +182,21 @@ class RLOOTrainer:
         if self.parallel.is_main:
             print(f"[zopro-train] {message}")
 
-    def task_score(self, rollout) -> float:
-        """The judge's mean score of the rollout's completions, over every process's rollout."""
+    def judge_scores(self, rollout) -> torch.Tensor:
+        """The judge's score of each of this process's completions (NaN where it failed; empty
+        when the judge has no ``score``)."""
         score = getattr(self.judge, "score", None)
-        if score is None:
-            return math.nan
         values = []
-        for row, text in enumerate(rollout.completions if rollout is not None else []):
+        for row, text in enumerate(rollout.completions if rollout is not None and score is not None else []):
             try:
                 values.append(score(rollout.prompts[row // rollout.k], text))
             except Exception:  # counted through the judge path; a score is only a metric here
                 values.append(math.nan)
-        return self.parallel.mean_of(torch.tensor(values, dtype=torch.float64))
+        return torch.tensor(values, dtype=torch.float64)
+
+    def task_score(self, rollout) -> float:
+        """The judge's mean score of the rollout's completions, over every process's rollout."""
+        return self.parallel.means_of(self.judge_scores(rollout))[0]
 
     def policy_step(self, iteration: int, step_in_iteration: int, prompts: list[str], mode: str) -> dict:
         """One step on ``prompts`` (the global batch; this process samples its share)."""
@@ -233,10 +236,11 @@ class RLOOTrainer:
             record |= {"J": float(loss), "J_plus": float(last["loss_plus"]), "J_minus": float(last["loss_minus"]),
                        "g": float(last["projected_grad"]), "alpha": float(last["alpha"]),
                        "lr": self.zo.param_groups[0]["lr"], "nonfinite_steps": int(self.zo.nonfinite_steps)}
-        record |= {"reward": parallel.mean_of(batch.rewards), "reward_model_score": parallel.mean_of(batch.scores),
-                   "kl": parallel.mean_of(batch.kl), "task_score": self.task_score(batch.rollout),
-                   "seconds": parallel.max(time.perf_counter() - started),
-                   "peak_memory_bytes": int(parallel.max(peak_memory_bytes(self.pair.device)))}
+        reward, score, kl, task = parallel.means_of(batch.rewards, batch.scores, batch.kl,
+                                                    self.judge_scores(batch.rollout))
+        seconds, peak = parallel.maxima([time.perf_counter() - started, peak_memory_bytes(self.pair.device)])
+        record |= {"reward": reward, "reward_model_score": score, "kl": kl, "task_score": task,
+                   "seconds": seconds, "peak_memory_bytes": int(peak)}
         if parallel.active:
             record["processes"] = parallel.world_size
         return record
@@ -347,16 +351,27 @@ class RLOOTrainer:
             if self.out_of_time(started):
                 stopped = step < self.steps - 1 or iteration < c.iterations - 1
                 break
+        refinement = {}
         if stopped:
-            self.train_seconds += time.perf_counter() - started
             self.say(f"time budget of {c.time_budget_s:g} s spent after step {self.global_step}; the run ends")
-            self.record("policy", iteration)
-            summary = {"event": "iteration", "iteration": iteration, "mode": mode, "steps": step + 1,
-                       "stopped": "time_budget", "train_seconds": self.train_seconds,
-                       "mean_task_score": mean_finite(torch.tensor(rewards, dtype=torch.float64))}
-            summary["eval_task_score"] = self.evaluate(iteration)
-            self.log(summary)
-            return summary
+        else:
+            refinement = self.close_iteration(iteration, mode, prompts, policy_at_start)
+        self.record("policy", iteration)
+        if not stopped:
+            self.record("reward", iteration)
+        self.train_seconds += time.perf_counter() - started
+        summary = {"event": "iteration", "iteration": iteration, "mode": mode, "steps": step + 1,
+                   "train_seconds": self.train_seconds,
+                   "mean_task_score": mean_finite(torch.tensor(rewards, dtype=torch.float64))} | refinement
+        if stopped:
+            summary["stopped"] = "time_budget"
+        summary["eval_task_score"] = self.evaluate(iteration)
+        self.log(summary)
+        return summary
+
+    def close_iteration(self, iteration: int, mode: str, prompts: list[str], policy_at_start) -> dict:
+        """Δπ (``mark_iteration``), the reward refinement and ΔR (``set_guidance``); the refinement's info."""
+        c = self.config
         if self.zo is not None and mode == "adamw":
             self.zo.sync_from_model()  # AdamW moved the weights outside ZOPrO
         if c.optimizer == "zopro":
@@ -371,15 +386,7 @@ class RLOOTrainer:
         reward_delta = {slot: after - reward_before[slot] for slot, after in self.pair.reward_tensors().items()}
         if c.optimizer == "zopro":
             self.zo.set_guidance(reward_delta=reward_delta)
-        self.record("policy", iteration)
-        self.record("reward", iteration)
-        self.train_seconds += time.perf_counter() - started
-        summary = {"event": "iteration", "iteration": iteration, "mode": mode, "steps": self.steps,
-                   "train_seconds": self.train_seconds,
-                   "mean_task_score": mean_finite(torch.tensor(rewards, dtype=torch.float64))} | refinement
-        summary["eval_task_score"] = self.evaluate(iteration)
-        self.log(summary)
-        return summary
+        return refinement
 
     def state(self) -> dict:
         return {

@@ -69,23 +69,28 @@ class DataParallel:
         dist.all_gather(gathered, mine, group=self.group)
         return [int(t.item()) for t in gathered]
 
-    def max(self, value: float) -> float:
+    def maxima(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over processes (one collective)."""
         if not self.active:
-            return float(value)
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return [float(v) for v in values]
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
-        return float(tensor.item())
+        return tensor.tolist()
 
     def any(self, flag: bool) -> bool:
         """True on every process when it is true on one (decisions that must not diverge)."""
-        return self.max(1.0 if flag else 0.0) > 0
+        return self.maxima([1.0 if flag else 0.0])[0] > 0
 
-    def mean_of(self, values: torch.Tensor) -> float:
-        """Mean of the finite entries over every process's values (NaN when none)."""
-        values = values.detach().double().flatten()
-        finite = values[torch.isfinite(values)]
-        total, count = self.sum([float(finite.sum()) if finite.numel() else 0.0, float(finite.numel())])
-        return total / count if count else float("nan")
+    def means_of(self, *tensors: torch.Tensor) -> list[float]:
+        """Per tensor, the mean of its finite entries over every process's values (NaN when none);
+        one collective for all of them."""
+        sums = []
+        for values in tensors:
+            values = values.detach().double().flatten()
+            finite = values[torch.isfinite(values)]
+            sums += [float(finite.sum()) if finite.numel() else 0.0, float(finite.numel())]
+        sums = self.sum(sums)
+        return [total / count if count else float("nan") for total, count in zip(sums[::2], sums[1::2])]
 
     def sum_gradients(self, parameters: list[torch.Tensor], loss: torch.Tensor) -> float:
         """Sum ``.grad`` over processes in place (missing grads count as zeros); returns the summed loss.
