@@ -17,9 +17,14 @@ from .direction import per_tensor_coefficients
 
 class ZOEngine:
     def __init__(self, sets, backend: str, granularity: str, *, parameter_count: int, home: torch.device,
-                 sharded: list[bool], communicator=None):
+                 sharded: list[bool], communicator=None, numels: list[int] | None = None,
+                 direction_norm: str = "policy_delta"):
         self.sets = sets
         self.granularity = granularity
+        self.direction_norm = direction_norm
+        # Full (unsharded) values per parameter: the √d of direction_norm="noise".
+        self.numels = (torch.tensor(numels, dtype=torch.float64, device=home) if numels is not None
+                       else None)
         self.backends = [resolve_backend(backend, s.device, s.dtype) for s in sets]
         self.parameter_count = parameter_count
         self.home = home
@@ -90,7 +95,9 @@ class ZOEngine:
             return self._unguided
         stats = self._per_parameter(self.statistics(seed))
         reward_sq, policy_sq = self._guidance_norms()
-        coefs = per_tensor_coefficients(stats, reward_sq, policy_sq, alpha, self.granularity)
+        coefs = per_tensor_coefficients(stats, reward_sq, policy_sq, alpha, self.granularity,
+                                        guided=self.has_policy, numel=self.numels,
+                                        direction_norm=self.direction_norm)
         return [coefs[index].to(s.device) for index, s in zip(self._rows, self.sets)]
 
     def apply_(self, seed, coefs, scales, keeps, *, write_master: bool, use_policy: bool, next_seed=None):
@@ -111,6 +118,15 @@ class ZOEngine:
             )
         if next_seed is not None:
             self._statistics = (next_seed, self.reward_version, new_stats)
+
+    def still_policy_units(self) -> int:
+        """Units (tensors, or the whole vector with "global") whose ‖Δπ‖ is 0 while Δπ is set."""
+        if not self.has_policy:
+            return 0
+        policy_sq = self._guidance_norms()[1]
+        if self.granularity == "global":
+            return int(not bool(policy_sq.sum() > 0))
+        return int((policy_sq == 0).sum())
 
     def check_unmoved(self):
         for s in self.sets:

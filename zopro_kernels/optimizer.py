@@ -16,7 +16,7 @@ import torch
 
 from .alpha import AlphaSchedule, alpha_at, needs_iteration_length, validate_alpha
 from .backends import BACKENDS
-from .direction import GRANULARITIES
+from .direction import DIRECTION_NORMS, GRANULARITIES
 from .distributed import Communicator, agreed_seed, default_process_group, local_piece
 from .engine import ZOEngine
 from .parameter_set import build_parameter_sets, describe, validate_parameter
@@ -53,6 +53,13 @@ class ZOPrO(torch.optim.Optimizer):
             ``False`` perturbs the model's tensors in place: less memory, but 16-bit weights drift.
         guidance_dtype: storage of Δπ and ΔR: fp32 (default) or bf16, which halves their memory
             and their share of every pass's traffic (the projection stays exact for the stored ΔR).
+        direction_norm: the scale of a guided z. "policy_delta" (eq. 2 as published): ‖z‖ ≈ ‖Δπ‖,
+            so guided updates scale with ‖Δπ‖² and the right lr changes from iteration to
+            iteration. "noise": z is rescaled per unit to ‖z‖ ≈ √d, the norm of N(0, I) noise, so
+            ε and lr mean the same with and without guidance and in every iteration.
+        directions: q, the number of two-sided estimates per step (n-SPSA): the update is the mean
+            of q estimates g_i z_i, each with its own seed (2q closure calls per step). q = 1 is
+            the default and the plain method.
         process_group: the torch.distributed group of a data-parallel or sharded run (default:
             the world group when torch.distributed is initialised). Only scalars cross it per
             step (see ``distributed.py``); every process must call ``step``, ``set_guidance``,
@@ -73,6 +80,8 @@ class ZOPrO(torch.optim.Optimizer):
         backend: str = "auto",
         master_weights: bool = True,
         guidance_dtype: torch.dtype = torch.float32,
+        direction_norm: str = "policy_delta",
+        directions: int = 1,
         process_group=None,
     ):
         if seed is not None:
@@ -88,6 +97,10 @@ class ZOPrO(torch.optim.Optimizer):
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if guidance_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"guidance_dtype must be torch.float32 or torch.bfloat16, got {guidance_dtype}")
+        if direction_norm not in DIRECTION_NORMS:
+            raise ValueError(f"direction_norm must be one of {DIRECTION_NORMS}, got {direction_norm!r}")
+        if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+            raise ValueError(f"directions must be a positive int, got {directions!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._engine = None
@@ -100,6 +113,9 @@ class ZOPrO(torch.optim.Optimizer):
         self.backend = backend
         self.master_weights = bool(master_weights)
         self.guidance_dtype = guidance_dtype
+        self.direction_norm = direction_norm
+        self.directions = directions
+        self._warned_still = False
         self.global_step = 0
         self.iteration_step = 0
         self._nonfinite_steps = 0  # folded in from the device-side count when read (no sync per step)
@@ -155,7 +171,8 @@ class ZOPrO(torch.optim.Optimizer):
             self._engine = ZOEngine(
                 sets, self.backend, self.granularity, parameter_count=len(params),
                 home=self._pieces[0][0].device, sharded=[piece[3] for piece in self._pieces],
-                communicator=self._communicator,
+                communicator=self._communicator, numels=[piece[1] for piece in self._pieces],
+                direction_norm=self.direction_norm,
             )
             self._group_index = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         else:
@@ -182,68 +199,88 @@ class ZOPrO(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One ZO step. ``closure`` re-evaluates the model and returns the loss (a scalar tensor or
-        float); it is called twice, at θ+εz and θ−εz, under ``torch.no_grad()``. Returns the mean
-        of the two losses. A non-finite loss skips the update and leaves the weights as they were
-        (bit for bit with master weights); ``nonfinite_steps`` counts such steps."""
+        float); it is called twice per direction (``directions`` of them), at θ+εz and θ−εz, under
+        ``torch.no_grad()``. Returns the mean of the losses. A non-finite loss skips that direction's
+        update and leaves the weights as they were (bit for bit with master weights);
+        ``nonfinite_steps`` counts steps where that happened."""
         if closure is None:
             raise RuntimeError(
                 "ZOPrO.step needs a closure: step(lambda: loss_fn(model(x), y)). It is called at "
                 "θ+εz and θ−εz and must return the loss."
             )
         engine = self._ensure_engine()
-        seed = step_seed(self.seed, self.global_step)
         alpha = self.current_alpha() if engine.has_policy else 0.0
         use_policy = engine.has_policy and alpha != 0.0
-        coefs = engine.coefficients(seed, alpha)
         hyper = self._hyperparameters()
         eps = [h[1] for h in hyper]
         ones = [torch.ones_like(e) for e in eps]
-        apply = lambda scales, keeps, **kw: engine.apply_(  # noqa: E731
+        q = self.directions
+        # direction i of step k has its own seed; direction 0's is the one-direction seed
+        seeds = [step_seed(self.seed, self.global_step, i) for i in range(q)]
+        apply = lambda seed, coefs, scales, keeps, **kw: engine.apply_(  # noqa: E731
             seed, coefs, scales, keeps, use_policy=use_policy, **kw
         )
 
-        apply(eps, ones, write_master=False)
-        loss_plus = self._loss_value(closure(), "θ+εz")
-        second = [-e for e in eps] if self.master_weights else [-2 * e for e in eps]
-        apply(second, ones, write_master=False)
-        loss_minus = self._loss_value(closure(), "θ−εz")
+        estimates = []  # per direction: (coefficients, J₊, J₋)
+        for seed in seeds:
+            coefs = engine.coefficients(seed, alpha)
+            apply(seed, coefs, eps, ones, write_master=False)
+            loss_plus = self._loss_value(closure(), "θ+εz")
+            second = [-e for e in eps] if self.master_weights else [-2 * e for e in eps]
+            apply(seed, coefs, second, ones, write_master=False)
+            loss_minus = self._loss_value(closure(), "θ−εz").to(loss_plus.device)
+            if q > 1 and not self.master_weights:  # back to θ₀ (in place) before the next direction
+                apply(seed, coefs, eps, ones, write_master=False)
+            estimates.append([coefs, *self._agreed_losses(engine, seed, loss_plus, loss_minus)])
 
-        loss_minus = loss_minus.to(loss_plus.device)
-        if self._communicator is not None:  # data parallel: J averaged over processes
-            loss_plus, loss_minus, positions = self._communicator.mean_losses(
-                loss_plus, loss_minus, seed, self.global_step)
-            if self._checked_step is None or self.global_step - self._checked_step >= CONSISTENCY_CHECK_EVERY:
-                self._communicator.check_agreement(positions)
-                self._checked_step = self.global_step
-            loss_plus = loss_plus.to(engine.home)
-            loss_minus = loss_minus.to(engine.home)
-        finite = torch.isfinite(loss_plus) & torch.isfinite(loss_minus)
-        half_difference = torch.where(finite, (loss_plus - loss_minus) / 2, 0.0)
-        scales, keeps = [], []
-        for s, (lr, eps_t, wd) in zip(engine.sets, hyper):
-            ok = finite.to(s.device)
-            grad = half_difference.to(s.device) / eps_t  # g per tensor: (J₊ − J₋) / 2ε
-            keep = torch.where(ok, 1.0 - lr * wd, 1.0)
-            if self.master_weights:
-                scales.append(torch.where(ok, -lr * grad, 0.0))
-            else:  # from θ₀ − εz: θ₀(1 − ηλ) − ηg z = keep·θ + (ε·keep − ηg) z
-                scales.append(torch.where(ok, eps_t * keep - lr * grad, eps_t))
-            keeps.append(keep)
-        next_seed = step_seed(self.seed, self.global_step + 1) if engine.wants_statistics() else None
-        apply(scales, keeps, write_master=True, next_seed=next_seed)
+        finites = [torch.isfinite(lp) & torch.isfinite(lm) for _, lp, lm in estimates]
+        any_finite = finites[0] if q == 1 else torch.stack(finites).any()
+        fused = q == 1 and not self.master_weights  # the update continues from θ₀ − εz
+        for i, ((coefs, loss_plus, loss_minus), finite) in enumerate(zip(estimates, finites)):
+            half_difference = torch.where(finite, (loss_plus - loss_minus) / 2, 0.0)
+            scales, keeps = [], []
+            for s, (lr, eps_t, wd) in zip(engine.sets, hyper):
+                ok = finite.to(s.device)
+                grad = half_difference.to(s.device) / eps_t  # g per tensor: (J₊ − J₋) / 2ε
+                if q > 1:
+                    grad = grad / q  # the mean of q estimates g_i z_i
+                # weight decay once per step, with the first direction's pass
+                keep = torch.where(any_finite.to(s.device), 1.0 - lr * wd, 1.0) if i == 0 else torch.ones_like(lr)
+                if not fused:
+                    scales.append(torch.where(ok, -lr * grad, 0.0))
+                else:  # from θ₀ − εz: θ₀(1 − ηλ) − ηg z = keep·θ + (ε·keep − ηg) z
+                    scales.append(torch.where(ok, eps_t * keep - lr * grad, eps_t))
+                keeps.append(keep)
+            last = i == q - 1
+            next_seed = step_seed(self.seed, self.global_step + 1) if last and engine.wants_statistics() else None
+            apply(seeds[i], coefs, scales, keeps, write_master=True, next_seed=next_seed)
 
-        skipped = (~finite).to(torch.int64)
+        skipped = (~torch.stack(finites).all()).to(torch.int64)
         self._nonfinite_device = skipped if self._nonfinite_device is None else self._nonfinite_device + skipped
+        loss_plus = torch.stack([lp for _, lp, _ in estimates]).mean()
+        loss_minus = torch.stack([lm for _, _, lm in estimates]).mean()
+        finite_all = torch.isfinite(loss_plus) & torch.isfinite(loss_minus)
         self.last_step = {
-            "seed": seed,
+            "seed": seeds[0],
             "alpha": alpha,
             "loss_plus": loss_plus,
             "loss_minus": loss_minus,
-            "projected_grad": half_difference / float(self.param_groups[0]["eps"]),
+            "projected_grad": torch.where(finite_all, (loss_plus - loss_minus) / 2, 0.0)
+            / float(self.param_groups[0]["eps"]),
         }
         self.global_step += 1
         self.iteration_step += 1
         return (loss_plus + loss_minus) / 2
+
+    def _agreed_losses(self, engine, seed, loss_plus, loss_minus):
+        """Data parallel: J₊ and J₋ averaged over the processes (alone: as they are)."""
+        if self._communicator is None:
+            return loss_plus, loss_minus
+        loss_plus, loss_minus, positions = self._communicator.mean_losses(loss_plus, loss_minus, seed, self.global_step)
+        if self._checked_step is None or self.global_step - self._checked_step >= CONSISTENCY_CHECK_EVERY:
+            self._communicator.check_agreement(positions)
+            self._checked_step = self.global_step
+        return loss_plus.to(engine.home), loss_minus.to(engine.home)
 
     @staticmethod
     def _loss_value(loss, where: str) -> torch.Tensor:
@@ -284,6 +321,7 @@ class ZOPrO(torch.optim.Optimizer):
                 self._store(s, "policy_delta", [aligned[i] for i in s.indices])
             engine.has_policy = True
             engine.guidance_changed(reward=False)
+            self._warn_still_units()
         if reward_delta is not None:
             aligned = self._align(reward_delta, "reward_delta")
             for s in engine.sets:
@@ -316,8 +354,23 @@ class ZOPrO(torch.optim.Optimizer):
         if forms_delta:
             engine.has_policy = True
             engine.guidance_changed(reward=False)
+            self._warn_still_units()
         self._marked = True
         self.iteration_step = 0
+
+    def _warn_still_units(self):
+        """Say once that some tensors have Δπ = 0: their guided direction has no Δπ part (see
+        ``direction.py``: still under "policy_delta", projected noise at the guided scale under "noise")."""
+        still = self._engine.still_policy_units()
+        if still and not self._warned_still:
+            import warnings
+
+            unit = "tensor(s)" if self.granularity == "tensor" else "the whole vector"
+            effect = ("stay still in guided steps" if self.direction_norm == "policy_delta"
+                      else "get only the noise part of z, at the guided scale")
+            warnings.warn(f"ZOPrO: Δπ is 0 for {still} {unit}; they {effect} (never raw noise at the guided "
+                          "step size). Said once.", stacklevel=3)
+            self._warned_still = True
 
     def sync_from_model(self):
         """Re-read the parameters after they were changed or moved outside the optimizer
@@ -411,6 +464,8 @@ class ZOPrO(torch.optim.Optimizer):
             "nonfinite_steps": self.nonfinite_steps,
             "granularity": self.granularity,
             "master_weights": self.master_weights,
+            "direction_norm": self.direction_norm,
+            "directions": self.directions,
             "has_policy": engine.has_policy,
             "has_reward": engine.has_reward,
             "marked": self._marked,
