@@ -1,13 +1,19 @@
-"""Judges: callables ``(prompt, response_a, response_b) -> 0 | 1`` (the index of the better one).
+"""Judges: callables ``(prompt, response_a, response_b) -> 0 | 1 | None``.
 
-- ``ScoreJudge(score)``: programmatic, from any ``score(prompt, response) -> float``.
+0 means the first response is better, 1 the second, ``None`` a tie (no preference: the loop drops such
+a pair and counts it rather than turning it into an arbitrary label).
+
+- ``ScoreJudge(score)``: programmatic, from any ``score(prompt, response) -> float``; equal scores tie.
 - ``vader_judge()``: VADER's compound sentiment of the whole text (the sentiment task).
-- ``LLMPairwiseJudge``: a local instruct model reads the pairwise template and answers "0"/"1".
+- ``LLMPairwiseJudge``: a local instruct model reads the pairwise template and the next-token logits of
+  "0" and "1" decide; by default it asks with both orders of the two responses, which cancels a constant
+  position bias exactly (``order="random"``: one query with a seeded coin flip; ``"fixed"``: one query).
 """
 
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
@@ -43,24 +49,27 @@ Evaluate the models on the basis of the quality and relevance of their results, 
 
 
 class JudgeError(RuntimeError):
-    """A judge raised or returned something other than 0 or 1."""
+    """A judge raised or returned something other than 0, 1 or None."""
 
 
-def call_judge(judge, prompt: str, response_a: str, response_b: str) -> int:
-    """The judge's verdict, checked: 0 or 1, else ``JudgeError`` saying what came back."""
+def call_judge(judge, prompt: str, response_a: str, response_b: str) -> int | None:
+    """The judge's verdict, checked: 0, 1 or None (a tie), else ``JudgeError`` saying what came back."""
     try:
         verdict = judge(prompt, response_a, response_b)
     except Exception as error:  # a user's judge may raise anything; the loop counts and skips
         raise JudgeError(f"judge raised {type(error).__name__}: {error}") from error
-    if isinstance(verdict, torch.Tensor) and verdict.numel() == 1:
-        verdict = verdict.item()
+    if verdict is None:
+        return None
+    if isinstance(verdict, torch.Tensor):
+        verdict = verdict.item() if verdict.numel() == 1 else tuple(verdict.tolist())
     if isinstance(verdict, bool) or verdict not in (0, 1) or isinstance(verdict, float) and math.isnan(verdict):
-        raise JudgeError(f"judge returned {verdict!r}; a judge must return 0 (first better) or 1 (second better)")
+        raise JudgeError(f"judge returned {verdict!r}; a judge must return 0 (first better), 1 (second better) "
+                         "or None (tie)")
     return int(verdict)
 
 
 class ScoreJudge:
-    """Prefers the response with the higher ``score(prompt, response)``; ties go to the first."""
+    """Prefers the response with the higher ``score(prompt, response)``; exactly equal scores are a tie (None)."""
 
     def __init__(self, score):
         self.score_fn = score
@@ -71,8 +80,11 @@ class ScoreJudge:
             raise ValueError(f"score is {value} for response {response[:60]!r}")
         return value
 
-    def __call__(self, prompt: str, response_a: str, response_b: str) -> int:
-        return 0 if self.score(prompt, response_a) >= self.score(prompt, response_b) else 1
+    def __call__(self, prompt: str, response_a: str, response_b: str) -> int | None:
+        score_a, score_b = self.score(prompt, response_a), self.score(prompt, response_b)
+        if score_a == score_b:
+            return None
+        return 0 if score_a > score_b else 1
 
 
 def vader_judge() -> ScoreJudge:
@@ -90,13 +102,31 @@ def vader_judge() -> ScoreJudge:
 
 
 class LLMPairwiseJudge:
-    """A local causal LM as judge: the pairwise template, then compare the next-token logits of "0" and "1"."""
+    """A local causal LM as judge: the pairwise template, then compare the next-token logits of "0" and "1".
 
-    def __init__(self, model, tokenizer, template: str = PAIRWISE_TEMPLATE, use_chat_template: bool | None = None):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
+    ``order`` says how the two responses are shown, against the model's position bias:
+
+    - ``"both"`` (default): asked with (a, b) and with (b, a); the margin for b is
+      (logit "1" − logit "0") of the first plus (logit "0" − logit "1") of the swapped query, so a
+      constant preference for either position cancels exactly; two forward passes per verdict.
+    - ``"random"``: one query; a coin flip from ``random.Random(seed)`` decides whether b is shown
+      first, and the answer is mapped back to the order given.
+    - ``"fixed"``: one query, a shown first (the position bias goes straight into the labels).
+
+    The verdict is 1 if the margin is positive, 0 if negative and None (a tie) if exactly zero.
+    """
+
+    ORDERS = ("both", "random", "fixed")
+
+    def __init__(self, model, tokenizer, template: str = PAIRWISE_TEMPLATE, use_chat_template: bool | None = None,
+                 order: str = "both", seed: int = 0):
+        if order not in self.ORDERS:
+            raise ValueError(f"order is {order!r}; it must be one of {', '.join(map(repr, self.ORDERS))}")
+        self.model, self.tokenizer, self.template, self.order = model, tokenizer, template, order
         self.use_chat_template = (getattr(tokenizer, "chat_template", None) is not None
                                   if use_chat_template is None else use_chat_template)
         self.choice_ids = [self._single_token(text) for text in ("0", "1")]
+        self._rng = random.Random(seed)
 
     def _single_token(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -114,7 +144,23 @@ class LLMPairwiseJudge:
         return self.tokenizer(text, return_tensors="pt")["input_ids"]
 
     @torch.no_grad()
-    def __call__(self, prompt: str, response_a: str, response_b: str) -> int:
-        ids = self.prompt_ids(prompt, response_a, response_b).to(next(self.model.parameters()).device)
+    def shown_margin(self, prompt: str, first: str, second: str) -> float:
+        """logit("1") − logit("0") with ``first`` shown as model "0" and ``second`` as "1" (one forward)."""
+        ids = self.prompt_ids(prompt, first, second).to(next(self.model.parameters()).device)
         logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1]
-        return int(logits[self.choice_ids[1]] > logits[self.choice_ids[0]])
+        return float(logits[self.choice_ids[1]]) - float(logits[self.choice_ids[0]])
+
+    def margin(self, prompt: str, response_a: str, response_b: str) -> float:
+        """The margin in favour of ``response_b`` under this judge's ``order`` (positive: b is better)."""
+        if self.order == "both":
+            return self.shown_margin(prompt, response_a, response_b) - self.shown_margin(prompt, response_b,
+                                                                                        response_a)
+        if self.order == "random" and self._rng.random() < 0.5:
+            return -self.shown_margin(prompt, response_b, response_a)
+        return self.shown_margin(prompt, response_a, response_b)
+
+    def __call__(self, prompt: str, response_a: str, response_b: str) -> int | None:
+        margin = self.margin(prompt, response_a, response_b)
+        if math.isnan(margin):
+            raise ValueError("the judge model's logits of '0' and '1' are not finite")
+        return None if margin == 0 else int(margin > 0)
