@@ -10,7 +10,7 @@ if MISSING:
     print(f"tests/rloo skipped: missing {MISSING} (pip install '.[loop]')")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_cpu_thread():
     """Tiny models: intra-op threads only add synchronisation (ruinous on a shared, loaded CPU)."""
     previous = torch.get_num_threads()

@@ -6,7 +6,9 @@ import torch
 
 WORDS = ("the film is a movie story plot actor scene good great fine bad awful dull and but very not "
          "so it was too long short funny sad fun boring 0 1").split()
-PROMPTS = [" ".join(WORDS[i % 12:(i % 12) + 3]) for i in range(20)]
+_TEXT_WORDS = [w for w in WORDS if not w.isdigit()]  # "0"/"1" are the pairwise judge's verdicts
+# 20 distinct prompts of 1–6 words (= tokens), so batches are left padded; distinct first words
+PROMPTS = [" ".join(_TEXT_WORDS[(7 * i + j) % len(_TEXT_WORDS)] for j in range(1 + i % 6)) for i in range(20)]
 
 
 def make_tokenizer():
@@ -20,11 +22,12 @@ def make_tokenizer():
                                    unk_token="<unk>")
 
 
-def make_base(seed: int = 0, dtype=torch.float32, layers: int = 2):
+def make_base(seed: int = 0, dtype=torch.float32, layers: int = 2, hidden_size: int = 48):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=64,
+                         num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None, tie_word_embeddings=False)
@@ -33,10 +36,10 @@ def make_base(seed: int = 0, dtype=torch.float32, layers: int = 2):
     return model, tokenizer
 
 
-def make_pair(seed: int = 0, dtype=torch.float32, r: int = 4, **kwargs):
+def make_pair(seed: int = 0, dtype=torch.float32, r: int = 4, hidden_size: int = 48, **kwargs):
     from zopro_kernels.rloo.models import LoraSettings, PolicyAndReward
 
-    model, tokenizer = make_base(seed, dtype)
+    model, tokenizer = make_base(seed, dtype, hidden_size=hidden_size)
     pair = PolicyAndReward(model, tokenizer, LoraSettings(r=r, alpha=2 * r), seed=seed, **kwargs)
     # peft initialises B = 0 (policy = reference); random B makes the adapters matter in tests
     generator = torch.Generator().manual_seed(seed + 1)

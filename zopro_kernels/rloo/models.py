@@ -107,10 +107,17 @@ class LoraSettings:
 
 
 class PolicyAndReward:
-    """The peft model with the two adapters, the value head and the switches between them."""
+    """The peft model with the two adapters, the value head and the switches between them.
+
+    ``shared_lora_init`` (default True) starts the reward adapter as an exact copy of the policy
+    adapter (same random ``lora_A``, same zero ``lora_B``): ZOPrO compares the policy's noise with
+    ΔR slot by slot, which is only meaningful when both adapters' B matrices act in the same A basis.
+    False keeps two independent LoRA draws.
+    """
 
     def __init__(self, model, tokenizer, lora: LoraSettings = LoraSettings(), *,
-                 policy_adapter: str = "policy", reward_adapter: str = "reward", seed: int = 0):
+                 policy_adapter: str = "policy", reward_adapter: str = "reward", seed: int = 0,
+                 shared_lora_init: bool = True):
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if policy_adapter == reward_adapter:
@@ -142,6 +149,10 @@ class PolicyAndReward:
         self.reward_parameters = self._adapter_parameters(reward_adapter)
         if self.policy_parameters.keys() != self.reward_parameters.keys():
             raise ValueError("policy and reward adapters adapt different modules; ΔR could not be mapped")
+        if shared_lora_init:  # the reward adapter starts as the policy's copy: one A basis for both
+            with torch.no_grad():
+                for slot, parameter in self.reward_parameters.items():
+                    parameter.copy_(self.policy_parameters[slot])
         self.use(policy_adapter)
 
     @property
