@@ -18,7 +18,7 @@ def build_judge(config: TrainConfig):
         from .models import load_base_model
 
         model, tokenizer = load_base_model(config.judge[4:], dtype=config.dtype, device=config.device)
-        return LLMPairwiseJudge(model.eval(), tokenizer)
+        return LLMPairwiseJudge(model.eval(), tokenizer, order=config.judge_order, seed=config.seed)
     raise ValueError(f"judge {config.judge!r} is not 'vader' or 'llm:<local model directory>'")
 
 
@@ -31,7 +31,8 @@ def build_pair(config: TrainConfig):
     model.eval()
     lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_targets)
     return PolicyAndReward(model, tokenizer, lora, policy_adapter=config.policy_adapter,
-                           reward_adapter=config.reward_adapter, seed=config.seed)
+                           reward_adapter=config.reward_adapter, seed=config.seed,
+                           shared_lora_init=config.shared_lora_init)
 
 
 def train(config: TrainConfig, *, resume: bool = False, recorder=None, pair=None, prompts=None, judge=None,

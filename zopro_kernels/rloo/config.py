@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 OPTIMIZERS = ("zopro", "mezo", "adamw")
 FIRST_ITERATIONS = ("adamw", "spsa")
+EVAL_SPLITS = ("held_out", "validation", "both")
+DIRECTION_NORMS = ("noise", "policy_delta")
 
 
 @dataclass
@@ -15,6 +17,7 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"   # a named asset, a local HF directory, or a .gguf file
     prompts: str = "rotten-tomatoes-negative"  # a named asset or a JSONL file with a "prompt" field
     judge: str = "vader"                   # "vader", or "llm:<local model directory>"
+    judge_order: str = "both"              # LLM judge: ask in "both" orders (cancels position bias), "random", "fixed"
     prompt_words: int = 8                  # opening words of each review snippet (the named prompt asset)
     max_prompts: int | None = None         # use only the first N prompts (after the seeded shuffle)
     prompt_template: str = "{prompt}"      # how a prompt is shown to the policy
@@ -29,6 +32,7 @@ class TrainConfig:
     lora_targets: str | list = "all-linear"
     policy_adapter: str = "policy"
     reward_adapter: str = "reward"
+    shared_lora_init: bool = True          # reward adapter starts from the policy's LoRA A: ΔR and Δπ share a basis
 
     # sampling and objective
     k: int = 4                             # completions per prompt (RLOO)
@@ -42,6 +46,11 @@ class TrainConfig:
     objective: str = "ppo"                 # "ppo" (clipped sequence ratio) or "reinforce"
     clip: float = 0.2
     logprob_chunk: int = 64                # sequence positions per vocabulary projection
+    num_iterations: int = 1                # optimisation steps per sampled batch (TRL's name); π_old fixed at sampling
+
+    # rewards: the reward model's score, reward functions (TRL's reward_funcs), or both
+    reward_model: bool = True              # False: no reward model, no refinement, no ΔR (z uses Δπ alone)
+    reward_funcs: list = dataclasses.field(default_factory=list)  # "judge" (the judge's score) or "module:function"
 
     # optimisation
     optimizer: str = "zopro"               # "zopro" (guided), "mezo" (unguided SPSA), "adamw" (first order)
@@ -50,10 +59,13 @@ class TrainConfig:
     prompt_fraction: float = 0.2           # share of the prompts used per iteration
     batch_prompts: int = 4                 # prompts per step (k completions each)
     steps_per_iteration: int | None = None  # default: the iteration's prompts / batch_prompts
-    lr: float = 1e-4                       # guided ZO steps (‖z‖ = ‖Δπ‖: see README "Choosing ε and η")
-    # Guided updates scale with ‖Δπ‖²; when an iteration moves less than the one before, later
-    # steps shrink quadratically. True: η_t = lr·‖Δπ_0‖²/‖Δπ_{t−1}‖² keeps iteration 1's step size.
+    lr: float = 1e-4                       # guided ZO steps (see direction_norm and README "Choosing ε and η")
+    # "noise": z rescaled to ‖z‖ ≈ √d (as N(0, I) noise), so lr and eps mean the same in every mode and
+    # iteration. "policy_delta": eq. 2 as published, ‖z‖ ≈ ‖Δπ‖ (guided updates scale with ‖Δπ‖²).
+    direction_norm: str = "noise"
+    # Only with "policy_delta": η_t = lr·‖Δπ_0‖²/‖Δπ_{t−1}‖² keeps iteration 1's step size.
     rescale_guided_lr: bool = False
+    directions: int = 1                    # q two-sided estimates per ZO step (n-SPSA), averaged
     spsa_lr: float = 1e-6                  # unguided SPSA steps (‖z‖ ≈ √d)
     eps: float = 1e-3
     adamw_lr: float = 1e-4
@@ -66,12 +78,18 @@ class TrainConfig:
     reward_epochs: int = 2
     reward_batch_size: int = 8
     reward_warmup: bool = True             # fit R_0 on pairs from π_0 before iteration 0
+    reward_warmup_prompts: int | None = None  # prompts (one pair each) for that warm-up; default: iteration 0's chunk
 
     # bookkeeping
     device: str = "auto"                   # "auto": this process's GPU (LOCAL_RANK under torchrun) if any, else cpu
     time_budget_s: float | None = None     # end the run after this much training time (held-out evals excluded)
     seed: int = 0
-    eval_prompts: int = 16                 # held-out prompts scored before and after each iteration
+    eval_prompts: int = 64                 # held-out prompts scored before and after each iteration
+    validation_prompts: int = 0            # a second held-out split, for choosing settings (the sweep)
+    eval_samples: int = 4                  # samples per evaluation prompt (same sampling seeds every time: paired)
+    eval_split: str = "held_out"           # which split evaluations score: "held_out", "validation" or "both"
+    start_from: str | None = None          # a checkpoint (file or run directory) to continue from with this
+                                           # config's optimizer, e.g. a shared first-order iteration 0
     snapshot_every: int | None = None      # recorder snapshots of the policy every N steps
     threads: int | None = None             # torch intra-op threads (1 is fastest on a small, shared CPU)
     progress: bool = True
@@ -91,9 +109,22 @@ class TrainConfig:
         if self.max_prompt_tokens + self.max_new_tokens > self.max_length:
             raise ValueError(f"max_prompt_tokens + max_new_tokens = {self.max_prompt_tokens + self.max_new_tokens}"
                              f" is over max_length {self.max_length}")
+        if self.eval_split not in EVAL_SPLITS:
+            raise ValueError(f"eval_split {self.eval_split!r} is not one of {EVAL_SPLITS}")
+        if self.direction_norm not in DIRECTION_NORMS:
+            raise ValueError(f"direction_norm {self.direction_norm!r} is not one of {DIRECTION_NORMS}")
+        if self.judge_order not in ("both", "random", "fixed"):
+            raise ValueError(f"judge_order {self.judge_order!r} is not 'both', 'random' or 'fixed'")
+        if not isinstance(self.reward_funcs, (list, tuple)) or not all(
+                callable(f) or isinstance(f, str) for f in self.reward_funcs):
+            raise ValueError(f"reward_funcs must be a list of names ('judge', 'module:function') or callables, "
+                             f"got {self.reward_funcs!r}")
+        if not self.reward_model and not self.reward_funcs:
+            raise ValueError("reward_model is false and reward_funcs is empty: there is no reward")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
-        for name in ("iterations", "batch_prompts", "reward_epochs", "reward_batch_size", "logprob_chunk"):
+        for name in ("iterations", "batch_prompts", "reward_epochs", "reward_batch_size", "logprob_chunk",
+                     "num_iterations", "directions", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
 
@@ -121,4 +152,7 @@ class TrainConfig:
         return cls.from_dict(values)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["reward_funcs"] = [f if isinstance(f, str) else getattr(f, "__qualname__", repr(f))
+                                  for f in self.reward_funcs]
+        return values

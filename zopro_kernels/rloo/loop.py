@@ -8,6 +8,12 @@
 
 Iteration 0 has no Δπ: first order by default (as published) or unguided SPSA.
 
+A step samples one rollout (``batch_prompts`` × k completions) and scores it once (π_old, π_ref,
+rewards); ``num_iterations`` optimisation steps then reuse it with π_old fixed at sampling time,
+so the PPO clip binds and generation is paid once for several steps. The reward is the reward
+model's score, reward functions (``reward_funcs``), or both; with no reward model there is no
+refinement and no ΔR.
+
 Under ``torchrun`` the loop is data parallel (``parallel.py``): each process samples, scores and
 judges its share of the prompts; losses, gradients and metrics are reduced, so the weights stay
 identical on every process; rank 0 alone writes metrics, checkpoints and recorder snapshots.
@@ -27,6 +33,7 @@ from ..optimizer import ZOPrO
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .judges import JudgeError, call_judge
+from .logprobs import SamplingDistribution
 from .objective import mean_finite, policy_loss, score_rollout
 from .parallel import DataParallel, tensor_fingerprint, text_fingerprint
 from .refine import PreferencePairs, finite_pairs, pair_accuracy, refine_reward_model, reward_optimizer
@@ -41,6 +48,42 @@ def derived_seed(seed: int, iteration: int, step: int, purpose: int, rank: int =
     value = (seed * 0x9E3779B1 + iteration * 1_000_003 + step * 10_007 + purpose * 101
              + rank * 0x2545F491) & 0xFFFFFFFF
     return value
+
+
+def resolve_reward_funcs(names, judge) -> list:
+    """Reward functions ``(prompt, completion) -> float`` from config entries: "judge" (the judge's
+    own ``score``), "module:function" (imported), or callables (kept)."""
+    import importlib
+
+    functions = []
+    for entry in names:
+        if callable(entry):
+            functions.append(entry)
+        elif entry == "judge":
+            score = getattr(judge, "score", None)
+            if score is None:
+                raise ValueError("reward_funcs has 'judge', but this judge has no score(prompt, response) method")
+            functions.append(score)
+        elif isinstance(entry, str) and ":" in entry:
+            module, _, name = entry.partition(":")
+            try:
+                functions.append(getattr(importlib.import_module(module), name))
+            except (ImportError, AttributeError) as error:
+                raise ValueError(f"reward function {entry!r} could not be imported: {error}") from error
+        else:
+            raise ValueError(f"reward function {entry!r} is not 'judge', 'module:function' or a callable")
+    return functions
+
+
+def norm_of(tensors: dict) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
+
+
+def cosine(first: dict, second: dict) -> float:
+    """cos ∠(first, second) over the slots both have (NaN when either is 0)."""
+    dot = sum(float((first[k].double() * second[k].double()).sum()) for k in first.keys() & second.keys())
+    norms = norm_of(first) * norm_of(second)
+    return dot / norms if norms > 0 else math.nan
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -62,15 +105,24 @@ class RLOOTrainer:
     model and prompts (checked); ``batch_prompts`` is the global batch of a step.
     """
 
-    def __init__(self, config: TrainConfig, pair, prompts: list[str], judge, *, recorder=None, parallel=None):
+    def __init__(self, config: TrainConfig, pair, prompts: list[str], judge, *, recorder=None, parallel=None,
+                 reward_funcs=None):
         self.config, self.pair, self.judge, self.recorder = config, pair, judge, recorder
+        self.reward_funcs = (list(reward_funcs) if reward_funcs is not None
+                             else resolve_reward_funcs(config.reward_funcs, judge))
+        if not config.reward_model and not self.reward_funcs:
+            raise ValueError("reward_model is false and there are no reward functions: there is no reward")
+        self.sampling = SamplingDistribution(config.temperature, config.top_k, config.top_p)
         self.parallel = parallel if parallel is not None else DataParallel()
         if config.batch_prompts % self.parallel.world_size:
             raise ValueError(f"batch_prompts={config.batch_prompts} must be a multiple of the number of "
                              f"processes ({self.parallel.world_size}): each takes an equal share of a step")
-        self.prompts, self.eval_prompts, self.skipped_long_prompts = self._split_prompts(prompts)
+        (self.prompts, self.eval_prompts, self.validation_prompts,
+         self.skipped_long_prompts) = self._split_prompts(prompts)
         self.chunk_size = max(1, round(config.prompt_fraction * len(self.prompts)))
+        # rollouts per iteration; each is reused for num_iterations optimisation steps
         self.steps = config.steps_per_iteration or max(1, math.ceil(self.chunk_size / config.batch_prompts))
+        self.optimizer_steps = self.steps * config.num_iterations
         self.zo = self._zo_optimizer() if config.optimizer in ("zopro", "mezo") else None
         self.adamw = (torch.optim.AdamW(list(pair.policy_parameters.values()), lr=config.adamw_lr,
                                         weight_decay=config.weight_decay)
@@ -78,7 +130,9 @@ class RLOOTrainer:
         self.reward_adamw = reward_optimizer(pair, config.reward_lr)
         self.next_iteration, self.global_step, self.train_seconds = 0, 0, 0.0
         self.delta_sq = {"first": None, "last": None}  # ‖Δπ‖² of the first and the latest iteration
-        self.counters = {"judge_failures": 0, "nonfinite_reward_prompts": 0, "nonfinite_reward_pairs": 0,
+        self.last_reward_delta = None  # ΔR of the last refinement (for ∠(ΔR_{t−1}, Δπ_t))
+        self.counters = {"judge_failures": 0, "judge_ties": 0, "nonfinite_reward_prompts": 0,
+                         "nonfinite_reward_pairs": 0,
                          "skipped_steps": 0, "skipped_long_prompts": self.skipped_long_prompts}
         self.history: list[dict] = []
         os.makedirs(config.output_dir, exist_ok=True)
@@ -106,7 +160,8 @@ class RLOOTrainer:
     # -- setup -------------------------------------------------------------------------------
 
     def _split_prompts(self, prompts: list[str]):
-        """Seeded shuffle; prompts over the token limit skipped (counted); eval prompts held out."""
+        """Seeded shuffle; prompts over the token limit skipped (counted); held-out and validation
+        prompts split off first (disjoint from each other and from training)."""
         config = self.config
         if not prompts:
             raise ValueError("no prompts")
@@ -122,13 +177,16 @@ class RLOOTrainer:
         kept = [kept[i] for i in order][: config.max_prompts]
         # held out whatever the judge: the training prompts must not depend on it
         held_out = min(config.eval_prompts, len(kept) // 5)
-        return kept[held_out:], kept[:held_out], skipped
+        validation = min(config.validation_prompts, len(kept) // 5)
+        train = kept[held_out + validation:]
+        return train, kept[:held_out], kept[held_out:held_out + validation], skipped
 
     def _zo_optimizer(self) -> ZOPrO:
         c = self.config
         return ZOPrO(self.pair.named_policy_parameters(), lr=c.lr, eps=c.eps, seed=c.seed,
-                     weight_decay=c.weight_decay, alpha=c.alpha, steps_per_iteration=self.steps,
-                     granularity=c.granularity, process_group=self.parallel.group)
+                     weight_decay=c.weight_decay, alpha=c.alpha, steps_per_iteration=self.optimizer_steps,
+                     granularity=c.granularity, direction_norm=c.direction_norm, directions=c.directions,
+                     process_group=self.parallel.group)
 
     def iteration_mode(self, iteration: int) -> str:
         c = self.config
@@ -175,8 +233,8 @@ class RLOOTrainer:
             return None
         with self.pair.adapter(self.pair.policy_adapter):
             return sample_completions(self.pair, prompts, k=k, max_new_tokens=c.max_new_tokens,
-                                      max_prompt_tokens=c.max_prompt_tokens, temperature=c.temperature,
-                                      top_k=c.top_k, top_p=c.top_p, seed=seed)
+                                      max_prompt_tokens=c.max_prompt_tokens, temperature=self.sampling.temperature,
+                                      top_k=self.sampling.top_k, top_p=self.sampling.top_p, seed=seed)
 
     def say(self, message: str):
         if self.parallel.is_main:
@@ -198,22 +256,47 @@ class RLOOTrainer:
         """The judge's mean score of the rollout's completions, over every process's rollout."""
         return self.parallel.means_of(self.judge_scores(rollout))[0]
 
-    def policy_step(self, iteration: int, step_in_iteration: int, prompts: list[str], mode: str) -> dict:
-        """One step on ``prompts`` (the global batch; this process samples its share)."""
+    def policy_step(self, iteration: int, rollout_index: int, prompts: list[str], mode: str) -> list[dict]:
+        """One rollout on ``prompts`` (the global batch; this process samples its share), then
+        ``num_iterations`` optimisation steps on it; one record per optimisation step."""
         c, parallel = self.config, self.parallel
         started = time.perf_counter()
         rollout = self.sample(parallel.shard(prompts), k=c.k,
-                              seed=derived_seed(c.seed, iteration, step_in_iteration, 1, parallel.rank))
-        batch = score_rollout(self.pair, rollout, beta=c.beta, chunk_size=c.logprob_chunk)
+                              seed=derived_seed(c.seed, iteration, rollout_index, 1, parallel.rank))
+        batch = score_rollout(self.pair, rollout, beta=c.beta, chunk_size=c.logprob_chunk,
+                              reward_model=c.reward_model, reward_funcs=self.reward_funcs, sampling=self.sampling)
         completions = parallel.gather_int(batch.advantages.numel())
         dropped = int(parallel.sum([batch.dropped_prompts])[0])
         self.counters["nonfinite_reward_prompts"] += dropped
-        record = {"iteration": iteration, "step": self.global_step, "step_in_iteration": step_in_iteration,
-                  "mode": mode, "dropped_prompts": dropped}
-        if min(completions) == 0:  # one process has nothing to evaluate: the whole step is skipped
-            self.counters["skipped_steps"] += 1
-            self.say(f"step {self.global_step}: every reward was NaN/inf on a process; step skipped")
-            return record | {"skipped": True}
+        base = {"iteration": iteration, "rollout": rollout_index, "mode": mode, "dropped_prompts": dropped}
+        reward, score, kl, task = parallel.means_of(batch.rewards, batch.scores, batch.kl,
+                                                    self.judge_scores(batch.rollout))
+        base |= {"reward": reward, "reward_score": score, "kl": kl, "task_score": task}
+        rollout_seconds = time.perf_counter() - started
+        records = []
+        for reuse in range(c.num_iterations):
+            step_started = time.perf_counter()
+            record = base | {"step": self.global_step, "step_in_iteration": rollout_index * c.num_iterations + reuse,
+                             "reuse": reuse}
+            if min(completions) == 0:  # one process has nothing to evaluate: the whole step is skipped
+                self.counters["skipped_steps"] += 1
+                self.say(f"step {self.global_step}: every reward was NaN/inf on a process; step skipped")
+                records.append(record | {"skipped": True})
+                self.global_step += 1
+                continue
+            record |= self.optimisation_step(batch, mode, completions)
+            seconds, peak = parallel.maxima([time.perf_counter() - step_started + (rollout_seconds if reuse == 0 else 0.0),
+                                             peak_memory_bytes(self.pair.device)])
+            record |= {"seconds": seconds, "peak_memory_bytes": int(peak)}
+            if parallel.active:
+                record["processes"] = parallel.world_size
+            records.append(record)
+            self.global_step += 1
+        return records
+
+    def optimisation_step(self, batch, mode: str, completions: list[int]) -> dict:
+        """One AdamW or ZO step on a scored batch; its metrics."""
+        c, parallel = self.config, self.parallel
 
         def closure():
             return policy_loss(self.pair, batch, kind=c.objective, clip=c.clip, chunk_size=c.logprob_chunk)
@@ -228,26 +311,18 @@ class RLOOTrainer:
             value = parallel.sum_gradients(parameters, loss)
             self.adamw.step()
             self.adamw.zero_grad(set_to_none=True)
-            record |= {"J": value, "lr": self.adamw.param_groups[0]["lr"]}
-        else:
-            self.zo.param_groups[0]["lr"] = self.guided_lr() if mode == "zopro" else c.spsa_lr
-            loss = self.zo.step(closure)  # J₊, J₋ averaged over the processes inside ZOPrO
-            last = self.zo.last_step
-            record |= {"J": float(loss), "J_plus": float(last["loss_plus"]), "J_minus": float(last["loss_minus"]),
-                       "g": float(last["projected_grad"]), "alpha": float(last["alpha"]),
-                       "lr": self.zo.param_groups[0]["lr"], "nonfinite_steps": int(self.zo.nonfinite_steps)}
-        reward, score, kl, task = parallel.means_of(batch.rewards, batch.scores, batch.kl,
-                                                    self.judge_scores(batch.rollout))
-        seconds, peak = parallel.maxima([time.perf_counter() - started, peak_memory_bytes(self.pair.device)])
-        record |= {"reward": reward, "reward_model_score": score, "kl": kl, "task_score": task,
-                   "seconds": seconds, "peak_memory_bytes": int(peak)}
-        if parallel.active:
-            record["processes"] = parallel.world_size
-        return record
+            return {"J": value, "lr": self.adamw.param_groups[0]["lr"]}
+        self.zo.param_groups[0]["lr"] = self.guided_lr() if mode == "zopro" else c.spsa_lr
+        loss = self.zo.step(closure)  # J₊, J₋ averaged over the processes inside ZOPrO
+        last = self.zo.last_step
+        return {"J": float(loss), "J_plus": float(last["loss_plus"]), "J_minus": float(last["loss_minus"]),
+                "g": float(last["projected_grad"]), "alpha": float(last["alpha"]),
+                "lr": self.zo.param_groups[0]["lr"], "nonfinite_steps": int(self.zo.nonfinite_steps)}
 
     def guided_lr(self) -> float:
         first, last = self.delta_sq["first"], self.delta_sq["last"]
-        if not self.config.rescale_guided_lr or not first or not last:
+        if (not self.config.rescale_guided_lr or self.config.direction_norm != "policy_delta"
+                or not first or not last):
             return self.config.lr
         return self.config.lr * first / last
 
@@ -256,7 +331,7 @@ class RLOOTrainer:
         parallel = self.parallel
         prompts = parallel.shard(prompts)
         rollout = self.sample(prompts, k=2, seed=derived_seed(self.config.seed, iteration, 0, purpose, parallel.rank))
-        accepted, rejected, failures, first_error = [], [], 0, None
+        accepted, rejected, failures, ties, first_error = [], [], 0, 0, None
         for i, prompt in enumerate(rollout.prompts if rollout is not None else []):
             a, b = 2 * i, 2 * i + 1
             try:
@@ -265,13 +340,17 @@ class RLOOTrainer:
                 failures += 1
                 first_error = first_error or str(error)
                 continue
+            if verdict is None:  # a tie says nothing about which is better: no Bradley–Terry label
+                ties += 1
+                continue
             accepted.append(a if verdict == 0 else b)
             rejected.append(b if verdict == 0 else a)
-        failures, judged, asked = (int(v) for v in parallel.sum([failures, len(accepted), len(prompts)]))
+        failures, ties, judged, asked = (int(v) for v in parallel.sum([failures, ties, len(accepted), len(prompts)]))
         self.counters["judge_failures"] += failures
+        self.counters["judge_ties"] += ties
         if failures:
             self.say(f"iteration {iteration}: {failures} judge call(s) skipped; first: {first_error}")
-        if not judged and asked:  # decided on the global counts: every process raises together
+        if not judged and asked and failures:  # decided on the global counts: every process raises together
             raise JudgeError(f"every judge call failed in iteration {iteration}; first: {first_error}")
         acc, rej = torch.tensor(accepted, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
         if rollout is None:
@@ -279,7 +358,7 @@ class RLOOTrainer:
         else:
             ids, mask = rollout.input_ids, rollout.attention_mask
         pairs = PreferencePairs(ids[acc], mask[acc], ids[rej], mask[rej])
-        return pairs, {"pairs": judged, "judge_failures": failures}
+        return pairs, {"pairs": judged, "judge_failures": failures, "judge_ties": ties}
 
     def refine(self, iteration: int, prompts: list[str], purpose: int) -> dict:
         c = self.config
@@ -290,6 +369,7 @@ class RLOOTrainer:
             self.counters["nonfinite_reward_pairs"] += nonfinite
             self.say(f"iteration {iteration}: {nonfinite} pair(s) with NaN/inf reward scores skipped")
         info["nonfinite_reward_pairs"] = nonfinite
+        # R before this refinement on pairs it never saw (drawn from the current policy): generalisation
         before = pair_accuracy(self.pair, pairs, parallel=self.parallel)
         # the minibatch order must not depend on the process: the unranked seed
         losses = refine_reward_model(self.pair, pairs, self.reward_adamw, epochs=c.reward_epochs,
@@ -297,21 +377,37 @@ class RLOOTrainer:
                                      parallel=self.parallel)
         return info | {"bt_loss_first": losses[0] if losses else math.nan,
                        "bt_loss_last": losses[-1] if losses else math.nan,
-                       "pair_accuracy_before": before,
+                       "pair_accuracy_before": before, "fresh_pair_accuracy": before,
                        "pair_accuracy_after": pair_accuracy(self.pair, pairs, parallel=self.parallel)}
 
     def evaluate(self, iteration: int) -> float:
-        """Mean task score of the held-out prompts (same sampling seed every time: comparable).
+        """Mean judge score on the evaluation split(s) (``eval_split``), ``eval_samples`` per prompt,
+        with the same sampling seed every time, so evaluations are paired sample by sample.
 
-        Logged with the training time so far (``train_seconds``, evaluations excluded) and the step.
+        Logged with each completion's score (``scores``: prompt-major, ``eval_samples`` per prompt),
+        the training time so far (``train_seconds``, evaluations excluded) and the step. Returns the
+        held-out score (the validation score when only that split is evaluated).
         """
-        if not self.eval_prompts or getattr(self.judge, "score", None) is None:
+        if getattr(self.judge, "score", None) is None:
             return math.nan
-        prompts = self.parallel.shard(self.eval_prompts)
-        rollout = self.sample(prompts, k=2, seed=derived_seed(self.config.seed, 0, 0, 9, self.parallel.rank))
-        value = self.task_score(rollout)
-        self.log({"event": "eval", "iteration": iteration, "task_score": value,
-                  "train_seconds": self.train_seconds, "global_step": self.global_step})
+        splits = {"held_out": ["held_out"], "validation": ["validation"],
+                  "both": ["held_out", "validation"]}[self.config.eval_split]
+        value = math.nan
+        for split in splits:
+            prompts = self.eval_prompts if split == "held_out" else self.validation_prompts
+            if not prompts:
+                continue
+            mine = self.parallel.shard(prompts)
+            rollout = self.sample(mine, k=self.config.eval_samples,
+                                  seed=derived_seed(self.config.seed, 0, 0, 9 if split == "held_out" else 10,
+                                                    self.parallel.rank))
+            scores = self.parallel.gather_floats(self.judge_scores(rollout))
+            split_value = mean_finite(torch.tensor(scores, dtype=torch.float64))
+            self.log({"event": "eval", "split": split, "iteration": iteration, "task_score": split_value,
+                      "train_seconds": self.train_seconds, "global_step": self.global_step,
+                      "samples_per_prompt": self.config.eval_samples, "scores": scores})
+            if split == splits[0]:
+                value = split_value
         return value
 
     # -- the loop ----------------------------------------------------------------------------
@@ -330,24 +426,27 @@ class RLOOTrainer:
         started = time.perf_counter()
         mode = self.iteration_mode(iteration)
         prompts = self.chunk(iteration)
-        if iteration == 0 and c.reward_warmup:
-            warmup = self.refine(iteration, prompts, purpose=3)
+        if iteration == 0 and c.reward_warmup and c.reward_model:
+            warmup_prompts = (prompts if c.reward_warmup_prompts is None else
+                              [self.prompts[i % len(self.prompts)] for i in range(c.reward_warmup_prompts)])
+            warmup = self.refine(iteration, warmup_prompts, purpose=3)
             self.log({"event": "reward_warmup", "iteration": iteration} | warmup)
         if iteration == 0 and c.optimizer == "zopro":
             self.zo.mark_iteration()  # θ_0: Δπ_0 is formed at the end of this iteration
-        policy_at_start = self.pair.policy_tensors() if c.rescale_guided_lr else None
-        rewards, stopped = [], False
+        policy_at_start = self.pair.policy_tensors()
+        rewards, stopped, steps_done = [], False, 0
         for step in range(self.steps):
             batch_prompts = [prompts[(step * c.batch_prompts + j) % len(prompts)] for j in range(c.batch_prompts)]
-            record = self.policy_step(iteration, step, batch_prompts, mode)
-            self.global_step += 1
-            self.log(record)
-            rewards.append(record.get("task_score", math.nan))
-            if c.snapshot_every and self.global_step % c.snapshot_every == 0 and step < self.steps - 1:
+            records = self.policy_step(iteration, step, batch_prompts, mode)
+            for record in records:
+                self.log(record)
+            steps_done += len(records)
+            rewards.append(records[0].get("task_score", math.nan))
+            if c.snapshot_every and self.global_step % c.snapshot_every < len(records) and step < self.steps - 1:
                 self.record("policy", iteration)  # (the last step is recorded with the iteration's end)
-            progress.set_postfix(it=iteration, mode=mode, J=f"{record.get('J', math.nan):.4g}",
-                                 score=f"{record.get('task_score', math.nan):.3f}")
-            progress.update(1)
+            progress.set_postfix(it=iteration, mode=mode, J=f"{records[-1].get('J', math.nan):.4g}",
+                                 score=f"{records[0].get('task_score', math.nan):.3f}")
+            progress.update(len(records))
             if self.out_of_time(started):
                 stopped = step < self.steps - 1 or iteration < c.iterations - 1
                 break
@@ -360,7 +459,7 @@ class RLOOTrainer:
         if not stopped:
             self.record("reward", iteration)
         self.train_seconds += time.perf_counter() - started
-        summary = {"event": "iteration", "iteration": iteration, "mode": mode, "steps": step + 1,
+        summary = {"event": "iteration", "iteration": iteration, "mode": mode, "steps": steps_done,
                    "train_seconds": self.train_seconds,
                    "mean_task_score": mean_finite(torch.tensor(rewards, dtype=torch.float64))} | refinement
         if stopped:
@@ -376,17 +475,23 @@ class RLOOTrainer:
             self.zo.sync_from_model()  # AdamW moved the weights outside ZOPrO
         if c.optimizer == "zopro":
             self.zo.mark_iteration()  # Δπ_t = θ_t − θ_{t−1}; α restarts
-        if policy_at_start is not None:
-            now = self.pair.policy_tensors()
-            self.delta_sq["last"] = sum(float((now[k].double() - v.double()).square().sum())
-                                        for k, v in policy_at_start.items())
-            self.delta_sq["first"] = self.delta_sq["first"] or self.delta_sq["last"]
+        now = self.pair.policy_tensors()
+        policy_delta = {slot: now[slot] - before for slot, before in policy_at_start.items()}
+        geometry = {"policy_delta_norm": norm_of(policy_delta)}
+        if self.last_reward_delta is not None:  # how far from ΔR_{t−1} the policy moved
+            geometry["cos_policy_delta_previous_reward_delta"] = cosine(policy_delta, self.last_reward_delta)
+        self.delta_sq["last"] = geometry["policy_delta_norm"] ** 2
+        self.delta_sq["first"] = self.delta_sq["first"] or self.delta_sq["last"]
+        if not c.reward_model:
+            return geometry
         reward_before = self.pair.reward_tensors()
         refinement = self.refine(iteration, prompts, purpose=2)
         reward_delta = {slot: after - reward_before[slot] for slot, after in self.pair.reward_tensors().items()}
+        geometry["reward_delta_norm"] = norm_of(reward_delta)
+        self.last_reward_delta = reward_delta
         if c.optimizer == "zopro":
             self.zo.set_guidance(reward_delta=reward_delta)
-        return refinement
+        return refinement | geometry
 
     def state(self) -> dict:
         return {
@@ -397,22 +502,24 @@ class RLOOTrainer:
             "zo": self.zo.state_dict() if self.zo is not None else None,
             "adamw": self.adamw.state_dict() if self.adamw is not None else None,
             "reward_adamw": self.reward_adamw.state_dict(),
-            "counters": dict(self.counters), "delta_sq": dict(self.delta_sq), "history": list(self.history), "config": self.config.to_dict(),
+            "counters": dict(self.counters), "delta_sq": dict(self.delta_sq), "history": list(self.history),
+            "last_reward_delta": self.last_reward_delta, "config": self.config.to_dict(),
         }
 
     def restore(self, state: dict):
         self.pair.load_adapter_tensors("policy", state["policy"])
         self.pair.load_adapter_tensors("reward", state["reward"])
         self.pair.value_head.load_state_dict(state["value_head"])
-        if self.zo is not None:
+        if self.zo is not None and state["zo"] is not None:
             self.zo.load_state_dict(state["zo"])
-        if self.adamw is not None:
+        if self.adamw is not None and state["adamw"] is not None:
             self.adamw.load_state_dict(state["adamw"])
         self.reward_adamw.load_state_dict(state["reward_adamw"])
         self.next_iteration, self.global_step = state["next_iteration"], state["global_step"]
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.counters.update(state["counters"])
         self.delta_sq = dict(state.get("delta_sq", {"first": None, "last": None}))
+        self.last_reward_delta = state.get("last_reward_delta")
         self.history = list(state["history"])
 
     def resume(self) -> bool:
@@ -436,12 +543,51 @@ class RLOOTrainer:
         self._truncate_metrics(self.next_iteration - 1)
         return True
 
+    def start_from(self, path: str):
+        """Continue from another run's checkpoint with this config's optimizer (e.g. a shared
+        first-order iteration 0, so that methods part ways from the same point): weights, reward
+        model, counters and evaluations are taken over; the ZO optimizer's state is taken for
+        "zopro" (Δπ, ΔR, its position) and "mezo" (its position, guidance dropped); AdamW's for "adamw"."""
+        c = self.config
+        if os.path.isdir(path):
+            path = os.path.join(path, CHECKPOINT)
+        state = self.parallel.broadcast_object(load_checkpoint(path) if self.parallel.is_main else None)
+        if state is None:
+            raise FileNotFoundError(f"start_from: no checkpoint at {path!r}")
+        for key in ("model", "prompts", "seed", "lora_r", "lora_alpha", "lora_targets", "k", "prompt_fraction",
+                    "eval_prompts", "validation_prompts", "reward_model"):
+            if state["config"].get(key) != getattr(c, key):
+                raise ValueError(f"cannot start from {path}: it has {key}={state['config'].get(key)!r}, "
+                                 f"this config has {getattr(c, key)!r}")
+        zo_state, adamw_state = state["zo"], state["adamw"]
+        state = dict(state, zo=None, adamw=None)
+        self.restore(state)  # weights, reward model, position, counters, history
+        if self.zo is not None:
+            self.zo.sync_from_model()
+            if zo_state is not None:
+                self.zo.load_state_dict(zo_state)
+                for group in self.zo.param_groups:  # this run's settings, not the start's
+                    group.update(lr=c.lr, eps=c.eps, weight_decay=c.weight_decay)
+            if c.optimizer == "mezo":
+                self.zo.clear_guidance()
+        if self.adamw is not None and adamw_state is not None and self.iteration_mode(self.next_iteration) == "adamw":
+            self.adamw.load_state_dict(adamw_state)
+            for group in self.adamw.param_groups:  # load_state_dict brought the start's settings back
+                group.update(lr=c.adamw_lr, weight_decay=c.weight_decay)
+        if self.parallel.is_main:  # its evaluations and steps so far are this run's too
+            source = os.path.join(os.path.dirname(path), METRICS)
+            with open(source, encoding="utf-8") as handle, open(self.metrics_path, "w", encoding="utf-8") as out:
+                out.writelines(handle)
+        self.say(f"started from {path} at iteration {self.next_iteration}")
+
     def run(self, *, resume: bool = False) -> list[dict]:
         from tqdm.auto import tqdm
 
         c = self.config
         if resume and self.resume():
             self.say(f"resumed from {self.checkpoint_path} at iteration {self.next_iteration}")
+        elif c.start_from:
+            self.start_from(c.start_from)
         elif self.parallel.is_main and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run: no stale records
         if self.next_iteration == 0:
@@ -449,8 +595,8 @@ class RLOOTrainer:
             self.record("reward", -1)
             self.history = [{"event": "eval", "iteration": -1, "task_score": self.evaluate(-1),
                              "train_seconds": 0.0, "global_step": 0}]
-        total = c.iterations * self.steps
-        with tqdm(total=total, initial=self.next_iteration * self.steps,
+        total = c.iterations * self.optimizer_steps
+        with tqdm(total=total, initial=self.next_iteration * self.optimizer_steps,
                   disable=not (c.progress and self.parallel.is_main), desc="zopro-train") as progress:
             for iteration in range(self.next_iteration, c.iterations):
                 summary = self.run_iteration(iteration, progress)

@@ -1,9 +1,14 @@
 """The RLOO objective J, shared by every optimizer mode (ZOPrO, MeZO, AdamW).
 
     r_i = R(x, y_i) − β Σ_t (log π_old − log π_ref)      (fixed per batch, from sampling time)
+    R   = the reward model's score and/or the sum of reward functions (TRL's ``reward_funcs``)
     A_i = r_i − mean_{j≠i} r_j                           (leave-one-out over the k samples of x)
     J   = mean_i max(−A_i ρ_i, −A_i clip(ρ_i, 1−c, 1+c)) ρ_i = π_θ(y_i|x) / π_old(y_i|x)   ("ppo")
     J   = −mean_i A_i log π_θ(y_i|x)                                                   ("reinforce")
+
+π_old and π_θ in the ratio are the *sampling* distribution (temperature, top-k, top-p applied, as
+``generate`` sampled), so the ratio is on-policy whatever the sampling settings; the KL term
+compares the model's own (untransformed) distributions.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import completion_logprobs, reward_scores
+from .logprobs import (SamplingDistribution, completion_logprobs, completion_logprobs_with_sampling,
+                       reward_scores)
 from .sampling import Rollout
 
 OBJECTIVES = ("ppo", "reinforce")
@@ -52,18 +58,40 @@ class ScoredBatch:
     kl: torch.Tensor           # Σ_t (log π_old − log π_ref) per completion
     rewards: torch.Tensor      # scores − β kl
     dropped_prompts: int = 0   # prompts whose rewards were not finite
+    sampling: SamplingDistribution | None = None  # the distribution the completions were drawn from
+
+
+def reward_function_scores(reward_funcs, rollout: Rollout) -> torch.Tensor:
+    """Σ_f f(prompt, completion) per completion (float64; NaN where a function raised or was not finite)."""
+    values = torch.zeros(len(rollout.completions), dtype=torch.float64)
+    for row, text in enumerate(rollout.completions):
+        prompt = rollout.prompts[row // rollout.k]
+        for function in reward_funcs:
+            try:
+                value = float(function(prompt, text))
+            except Exception:  # a failing reward drops its prompt group below (counted), never the run
+                value = math.nan
+            values[row] += value
+    return values
 
 
 @torch.no_grad()
-def score_rollout(pair, rollout: Rollout, *, beta: float, chunk_size: int = 64) -> ScoredBatch:
-    """π_old and π_ref log-probs, reward-model scores and advantages; non-finite groups dropped."""
+def score_rollout(pair, rollout: Rollout, *, beta: float, chunk_size: int = 64, reward_model: bool = True,
+                  reward_funcs=(), sampling: SamplingDistribution | None = None) -> ScoredBatch:
+    """π_old (sampling distribution) and π_ref log-probs, rewards and advantages; non-finite groups dropped."""
+    if not reward_model and not reward_funcs:
+        raise ValueError("no reward: reward_model is off and there are no reward functions")
     args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_length, rollout.completion_mask, chunk_size)
     with pair.adapter(pair.policy_adapter):
-        logp_old = completion_logprobs(pair, *args)
+        logp_raw, logp_old = completion_logprobs_with_sampling(pair, *args, sampling)
     with pair.reference():
         logp_ref = completion_logprobs(pair, *args)
-    scores = reward_scores(pair, rollout.input_ids, rollout.attention_mask).to(logp_old.dtype)
-    kl = logp_old - logp_ref
+    scores = torch.zeros_like(logp_raw)
+    if reward_model:
+        scores = scores + reward_scores(pair, rollout.input_ids, rollout.attention_mask).to(logp_raw.dtype)
+    if reward_funcs:
+        scores = scores + reward_function_scores(reward_funcs, rollout).to(scores)
+    kl = logp_raw - logp_ref
     rewards = scores - beta * kl
     finite = torch.isfinite(rewards).reshape(-1, rollout.k).all(-1) & torch.isfinite(logp_old).reshape(
         -1, rollout.k).all(-1)
@@ -75,7 +103,7 @@ def score_rollout(pair, rollout: Rollout, *, beta: float, chunk_size: int = 64) 
         rollout = rollout.select_prompts(keep)
         logp_old, scores, kl, rewards = logp_old[rows], scores[rows], kl[rows], rewards[rows]
     advantages = leave_one_out_advantages(rewards, rollout.k) if keep else rewards
-    return ScoredBatch(rollout, logp_old, advantages, scores, kl, rewards, dropped)
+    return ScoredBatch(rollout, logp_old, advantages, scores, kl, rewards, dropped, sampling)
 
 
 def policy_loss(pair, batch: ScoredBatch, *, kind: str = "ppo", clip: float = 0.2,
@@ -86,7 +114,7 @@ def policy_loss(pair, batch: ScoredBatch, *, kind: str = "ppo", clip: float = 0.
     r = batch.rollout
     with pair.adapter(pair.policy_adapter):
         logp = completion_logprobs(pair, r.input_ids, r.attention_mask, r.prompt_length, r.completion_mask,
-                                   chunk_size)
+                                   chunk_size, sampling=batch.sampling)
     loss = surrogate_loss(logp, batch.logp_old, batch.advantages, kind=kind, clip=clip)
     # ZO takes a difference of two nearby losses: never hand it less than fp32
     return loss if loss.dtype == torch.float64 else loss.float()

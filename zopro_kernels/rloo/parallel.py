@@ -69,6 +69,15 @@ class DataParallel:
         dist.all_gather(gathered, mine, group=self.group)
         return [int(t.item()) for t in gathered]
 
+    def gather_floats(self, values: torch.Tensor) -> list[float]:
+        """Every process's values, concatenated in rank order (the same order at every call)."""
+        mine = [float(v) for v in values.detach().double().flatten().tolist()]
+        if not self.active:
+            return mine
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, mine, group=self.group)
+        return [v for part in gathered for v in part]
+
     def maxima(self, values: list[float]) -> list[float]:
         """Element-wise maximum over processes (one collective)."""
         if not self.active:
