@@ -1,30 +1,29 @@
-"""Reward gained per hour: ZOPrO vs MeZO vs first-order RLOO on the real offline task.
+"""Held-out quality: ZOPrO vs MeZO vs first-order RLOO on the real offline task, from one start.
 
-    python benchmarks/bench_reward.py                        # examples/sentiment.yaml, 3 methods × 3 seeds
-    python benchmarks/bench_reward.py --seeds 0 1 2 3 4 --jobs 2 --set iterations=5 eval_prompts=16
-    python benchmarks/bench_reward.py --aggregate-only --runs-dir runs/bench-reward   # re-read finished runs
+    python benchmarks/bench_reward.py --reward-mode functions --seeds 0 1 2 --settings SWEEP.json
+    python benchmarks/bench_reward.py --reward-mode model --seeds 0 1 2 --settings SWEEP.json
+    python benchmarks/bench_reward.py --reward-mode functions --aggregate-only   # re-read finished runs
 
-Each (method, seed) is one run of the RLOO loop (``zopro_kernels.rloo.cli.train``) from the same
-start: the same seed gives every method the same LoRA initialisation, prompt split, sampling seeds
-and, with the default ``first_iteration: adamw``, the same first-order iteration 0, so the methods
-part ways at iteration 1. Every run has the same step budget (``iterations × steps_per_iteration``).
-The held-out score is the judge's (VADER's) mean score of two samples per held-out prompt, never
-the reward model's; the loop logs it before training and after every iteration together with the
-training time so far (``train_seconds``: steps and reward refinement, held-out evaluations
-excluded) and the step.
+Protocol, per seed:
+1. a **start run**: iteration 0 only, first order (AdamW, as published), with the start settings
+   (``--start-set``); it evaluates the held-out and the validation split before and after;
+2. one run per method from that checkpoint (``start_from``): ``--zo-iterations`` more iterations
+   of ZOPrO, MeZO or AdamW with the same number of optimisation steps, so the methods part ways
+   at the same point and the comparison at equal steps is exact.
+The settings of each method (lr, eps, ...) come from ``--settings`` (the sweep's choice on the
+validation split, ``benchmarks/sweep.py``), never from the held-out split reported here.
 
-Reported per method (mean ± sample std over seeds): the held-out score before and after, its gain,
-gain per hour of training time, the gain at equal steps (the score at the smallest final step of
-all runs) and at a fixed wall-clock budget T: the score of each run's last evaluation at or before
-T seconds of training (T = ``--time-budget-s``, else the shortest run's training time), so the fixed
-time comparison reads the same runs at a common time instead of running them again (evaluations
-come at the end of iterations: that is the time resolution). ``--time-budget-s`` is also handed to
-the loop (``time_budget_s``), which then ends runs at T. A curve (held-out score against training
-seconds and against steps, mean over seeds) goes to the PNG.
+Two reward modes: ``model`` (the published one: a LoRA reward model warmed up and refined on the
+judge's pairs, ΔR guiding ZOPrO) and ``functions`` (the judge's own score as the reward, no reward
+model and no ΔR: the optimizer's quality without the reward model's noise).
 
-Runs run as subprocesses (``--jobs`` at a time, ``threads`` torch threads each); a finished run
-(its ``metrics.jsonl`` ends with the last evaluation) is not run again unless ``--force``.
-Writes benchmarks/results/reward-<device>-<date>.{json,md,png}.
+The held-out score is the judge's (VADER's) mean over ``eval_samples`` samples of each held-out
+prompt, drawn with the same seeds at every evaluation, so gains are paired sample by sample.
+Intervals are 95 % bootstrap intervals: per seed over prompts, and pooled over seeds by a
+two-level bootstrap (seeds, then prompts within a seed). Reported per method: held-out gain from
+the start (before iteration 0), gain over the ZO phase (from the start run's end), gain at equal
+steps, gain per hour of training, and paired ZOPrO − other differences on the same prompts and
+samples. Writes benchmarks/results/reward-<device>[-<tag>]-<date>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -48,39 +48,117 @@ from results_io import (command_argv, environment, environment_line, matplotlib_
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("zopro", "mezo", "adamw")
+REWARD_MODES = {"model": {"reward_model": True, "reward_funcs": []},
+                "functions": {"reward_model": False, "reward_funcs": ["judge"]}}
 RUN_RECORD = "bench_run.json"  # written by launch() next to the run's metrics
+BOOTSTRAP = 4000
 
 
-# -- reading and aggregating runs (pure) ------------------------------------------------------
+# -- reading and statistics (pure) -------------------------------------------------------------
 
-def read_evals(metrics_path) -> list[dict]:
-    """The held-out evaluations of a run, in order: ``{"step", "seconds", "score", "iteration"}``."""
+def read_evals(metrics_path, split: str = "held_out") -> list[dict]:
+    """A run's evaluations of ``split`` in order: ``{"iteration", "step", "seconds", "score", "prompts"}``
+    (``prompts``: the per-prompt mean scores, aligned from one evaluation to the next)."""
     evals = []
     with open(metrics_path, encoding="utf-8") as handle:
         for line in handle:
-            if not line.strip():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("event") != "eval" or record.get("split", "held_out") != split:
                 continue
-            record = json.loads(line)
-            if record.get("event") != "eval":
-                continue
-            if "train_seconds" not in record or "global_step" not in record:
-                raise ValueError(f"{metrics_path}: eval records lack train_seconds/global_step "
-                                 "(written by an older loop); run again")
+            if "scores" not in record:
+                raise ValueError(f"{metrics_path}: eval records lack per-sample scores (an older loop); run again")
+            per_prompt = record["samples_per_prompt"]
+            scores = record["scores"]
             evals.append({"iteration": record["iteration"], "step": record["global_step"],
-                          "seconds": record["train_seconds"], "score": record["task_score"]})
+                          "seconds": record["train_seconds"], "score": record["task_score"],
+                          "prompts": [statistics.fmean(scores[i:i + per_prompt])
+                                      for i in range(0, len(scores), per_prompt)]})
     if not evals:
-        raise ValueError(f"{metrics_path}: no held-out evaluation")
-    return sorted(evals, key=lambda e: (e["step"], e["seconds"]))
+        raise ValueError(f"{metrics_path}: no {split} evaluation")
+    return sorted(evals, key=lambda e: (e["step"], e["seconds"], e["iteration"]))
 
 
-def score_at(evals: list[dict], key: str, limit: float) -> float:
-    """The score of the last evaluation with ``key`` ("step" or "seconds") ≤ limit."""
+def differences(after: dict, before: dict) -> list[float]:
+    if len(after["prompts"]) != len(before["prompts"]):
+        raise ValueError("evaluations of different prompt sets cannot be paired")
+    return [a - b for a, b in zip(after["prompts"], before["prompts"])]
+
+
+def interval(per_seed: dict[int, list[float]], *, seed: int = 0, draws: int = BOOTSTRAP) -> dict:
+    """Mean of per-prompt values pooled over seeds with a 95 % two-level bootstrap interval
+    (seeds resampled, then prompts within each); one seed: prompts only."""
+    seeds = sorted(per_seed)
+    if not seeds or not all(per_seed[s] for s in seeds):
+        return {"mean": None, "low": None, "high": None, "seeds": len(seeds)}
+    mean = statistics.fmean(statistics.fmean(per_seed[s]) for s in seeds)
+    rng = random.Random(seed)
+    means = []
+    for _ in range(draws):
+        chosen = [rng.choice(seeds) for _ in seeds] if len(seeds) > 1 else seeds
+        total = 0.0
+        for s in chosen:
+            values = per_seed[s]
+            total += sum(values[rng.randrange(len(values))] for _ in values) / len(values)
+        means.append(total / len(chosen))
+    means.sort()
+    return {"mean": mean, "low": means[int(0.025 * draws)], "high": means[int(0.975 * draws) - 1],
+            "seeds": len(seeds)}
+
+
+def eval_at(evals: list[dict], key: str, limit: float) -> dict | None:
     eligible = [e for e in evals if e[key] <= limit]
-    return eligible[-1]["score"] if eligible else math.nan
+    return eligible[-1] if eligible else None
+
+
+def aggregate(runs: dict[str, dict[int, list[dict]]], start_step: dict[int, int]) -> dict:
+    """``runs[method][seed]``: that run's held-out evaluations (the start run's included);
+    ``start_step[seed]``: the step at which the methods parted ways."""
+    every = [evals for by_seed in runs.values() for evals in by_seed.values()]
+    step_budget = min(evals[-1]["step"] for evals in every)
+    methods = {}
+    for method, by_seed in runs.items():
+        per_seed, gain, zo_gain, equal, rows = {}, {}, {}, {}, {}
+        for seed, evals in sorted(by_seed.items()):
+            first, final = evals[0], evals[-1]
+            if first["step"] != 0:
+                raise ValueError(f"{method} seed {seed}: the first evaluation is not before training")
+            parted = eval_at(evals, "step", start_step[seed])
+            at_budget = eval_at(evals, "step", step_budget)
+            gain[seed] = differences(final, first)
+            zo_gain[seed] = differences(final, parted)
+            equal[seed] = differences(at_budget, first)
+            hours = final["seconds"] / 3600
+            rows[seed] = final
+            per_seed[seed] = {"start": first["score"], "parted": parted["score"], "final": final["score"],
+                              "gain": final["score"] - first["score"],
+                              "phase_gain": final["score"] - parted["score"],
+                              "gain_at_equal_steps": at_budget["score"] - first["score"],
+                              "train_seconds": final["seconds"], "steps": final["step"],
+                              "gain_per_hour": (final["score"] - first["score"]) / hours if hours else math.nan,
+                              "gain_interval": interval({seed: gain[seed]})}
+        methods[method] = {
+            "seeds": sorted(by_seed), "per_seed": per_seed, "final_evals": rows,
+            "gain": interval(gain), "phase_gain": interval(zo_gain), "gain_at_equal_steps": interval(equal),
+            "gain_per_hour": mean_std(p["gain_per_hour"] for p in per_seed.values()),
+            "train_seconds": mean_std(p["train_seconds"] for p in per_seed.values()),
+            "start": mean_std(p["start"] for p in per_seed.values()),
+            "final": mean_std(p["final"] for p in per_seed.values()),
+        }
+    paired = []
+    if "zopro" in runs:
+        for other in (m for m in runs if m != "zopro"):
+            shared = sorted(set(runs["zopro"]) & set(runs[other]))
+            at = {s: (eval_at(runs["zopro"][s], "step", step_budget), eval_at(runs[other][s], "step", step_budget))
+                  for s in shared}
+            paired.append({"versus": other, "quantity": "score_at_equal_steps",
+                           "per_seed": {s: statistics.fmean(differences(*at[s])) for s in shared}}
+                          | interval({s: differences(*at[s]) for s in shared}))
+    for m in methods.values():
+        m.pop("final_evals")
+    return {"step_budget": step_budget, "start_step": start_step, "methods": methods, "paired": paired}
 
 
 def mean_std(values) -> dict:
-    """Mean and sample standard deviation (n−1); std is None for one value; NaNs are left out."""
     values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not values:
         return {"mean": None, "std": None, "n": 0}
@@ -88,85 +166,50 @@ def mean_std(values) -> dict:
             "n": len(values)}
 
 
-def run_summary(evals: list[dict]) -> dict:
-    start, final = evals[0], evals[-1]
-    if start["step"] != 0:
-        raise ValueError("the first held-out evaluation is not before training (step 0)")
-    hours = final["seconds"] / 3600
-    gain = final["score"] - start["score"]
-    return {"start": start["score"], "final": final["score"], "gain": gain, "train_seconds": final["seconds"],
-            "steps": final["step"], "gain_per_hour": gain / hours if hours > 0 else math.nan}
-
-
-def aggregate(runs: dict[str, dict[int, list[dict]]], time_budget_s: float | None = None) -> dict:
-    """``runs[method][seed]`` = that run's evaluations → per-method statistics and the budgets used."""
-    summaries = {m: {seed: run_summary(evals) for seed, evals in by_seed.items()} for m, by_seed in runs.items()}
-    every = [s for by_seed in summaries.values() for s in by_seed.values()]
-    step_budget = min(s["steps"] for s in every)
-    time_budget = time_budget_s if time_budget_s is not None else min(s["train_seconds"] for s in every)
-    methods = {}
-    for method, by_seed in runs.items():
-        seeds = sorted(by_seed)
-        per_seed = {seed: summaries[method][seed] | {
-            "gain_at_equal_steps": score_at(by_seed[seed], "step", step_budget) - summaries[method][seed]["start"],
-            "gain_at_time_budget": score_at(by_seed[seed], "seconds", time_budget) - summaries[method][seed]["start"],
-        } for seed in seeds}
-        methods[method] = {"seeds": seeds, "per_seed": per_seed} | {
-            key: mean_std(per_seed[s][key] for s in seeds)
-            for key in ("start", "final", "gain", "gain_per_hour", "gain_at_equal_steps", "gain_at_time_budget",
-                        "train_seconds", "steps")}
-    return {"step_budget": step_budget, "time_budget_s": time_budget, "methods": methods,
-            "paired": paired_differences(methods)}
-
-
-def paired_differences(methods: dict) -> list[dict]:
-    """ZOPrO minus each other method, seed by seed (same start), mean ± std over the shared seeds."""
-    if "zopro" not in methods:
-        return []
-    out = []
-    zo = methods["zopro"]["per_seed"]
-    for other, stats in methods.items():
-        if other == "zopro":
-            continue
-        shared = sorted(set(zo) & set(stats["per_seed"]))
-        for key in ("gain_per_hour", "gain_at_equal_steps", "gain_at_time_budget"):
-            out.append({"versus": other, "quantity": key, "seeds": shared} |
-                       mean_std(zo[s][key] - stats["per_seed"][s][key] for s in shared))
-    return out
+def excludes_zero_above(stat: dict) -> bool:
+    return stat.get("low") is not None and stat["low"] > 0
 
 
 def target_checks(result: dict) -> list[dict]:
-    """The issue's quality targets: ZOPrO's gain per hour ≥ first-order RLOO's, and at equal steps ≥ MeZO's."""
-    methods, checks = result["methods"], []
-    for name, other, key in (("ZOPrO held-out gain per hour ≥ first-order RLOO's", "adamw", "gain_per_hour"),
-                             ("ZOPrO held-out gain at equal steps ≥ MeZO's", "mezo", "gain_at_equal_steps")):
-        if "zopro" not in methods or other not in methods:
-            continue
-        zo, ot = methods["zopro"][key]["mean"], methods[other][key]["mean"]
-        if zo is None or ot is None:
-            continue
-        paired = next((p for p in result["paired"] if p["versus"] == other and p["quantity"] == key), None)
-        checks.append({"target": name, "zopro": zo, other: ot, "met": zo >= ot, "short_by": max(0.0, ot - zo),
-                       "paired_difference": paired})
+    """The issue's targets: AdamW's and ZOPrO's held-out gain > 0 with the interval excluding 0;
+    ZOPrO − MeZO at equal steps > 0 with the paired interval excluding 0."""
+    checks = []
+    for method in ("adamw", "zopro"):
+        if method in result["methods"]:
+            stat = result["methods"][method]["gain"]
+            checks.append({"target": f"{method} held-out gain > 0, interval excluding 0", "value": stat,
+                           "met": excludes_zero_above(stat)})
+    for p in result["paired"]:
+        if p["versus"] == "mezo":
+            checks.append({"target": "ZOPrO − MeZO at equal steps > 0, paired interval excluding 0", "value": p,
+                           "met": excludes_zero_above(p)})
     return checks
 
 
 # -- running -----------------------------------------------------------------------------------
 
-def run_dir(runs_dir, method: str, seed: int) -> Path:
-    return Path(runs_dir) / f"{method}-seed{seed}"
+def run_dir(runs_dir, name: str, seed: int) -> Path:
+    return Path(runs_dir) / f"{name}-seed{seed}"
 
 
-def run_config(base: dict, method: str, seed: int, runs_dir, threads: int, time_budget_s) -> dict:
-    config = base | {"optimizer": method, "seed": seed, "output_dir": str(run_dir(runs_dir, method, seed)),
-                     "threads": threads, "progress": False, "plot": False}
-    if time_budget_s is not None:
-        config["time_budget_s"] = time_budget_s
-    return config
+def start_config(base: dict, overrides: dict, seed: int, runs_dir, threads: int) -> dict:
+    """Iteration 0 only, first order, evaluated on both splits (the sweep reads the validation one)."""
+    return base | overrides | {"optimizer": "zopro", "first_iteration": "adamw", "iterations": 1, "seed": seed,
+                               "eval_split": "both", "output_dir": str(run_dir(runs_dir, "start", seed)),
+                               "threads": threads, "progress": False, "plot": False}
+
+
+def method_config(base: dict, settings: dict, method: str, seed: int, runs_dir, threads: int, zo_iterations: int,
+                  eval_split: str = "held_out", name: str | None = None) -> dict:
+    return base | settings.get(method, {}) | {
+        "optimizer": method, "seed": seed, "iterations": 1 + zo_iterations, "eval_split": eval_split,
+        "start_from": str(run_dir(runs_dir, "start", seed)),
+        "output_dir": str(run_dir(runs_dir, name or method, seed)), "threads": threads, "progress": False,
+        "plot": False}
 
 
 def finished(config: dict) -> bool:
-    """The run's metrics end with the evaluation after its last iteration (or its time budget)."""
+    """The run's metrics end with the evaluation after its last iteration."""
     path = Path(config["output_dir"]) / "metrics.jsonl"
     if not path.exists():
         return False
@@ -183,17 +226,18 @@ def launch(config: dict) -> dict:
     started = time.perf_counter()
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(out / "train.log", "w", encoding="utf-8") as log:
-        done = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(config)], stdout=log,
-                              stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-one", json.dumps(config)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     wall = time.perf_counter() - started
-    print(f"[bench_reward] {out.name}: exit {done.returncode} after {wall / 60:.1f} min", flush=True)
+    print(f"[bench] {out.name}: exit {done.returncode} after {wall / 60:.1f} min", flush=True)
     record = {"output_dir": str(out), "returncode": done.returncode, "wall_seconds": wall}
     (out / RUN_RECORD).write_text(json.dumps(record))
+    if done.returncode:
+        raise RuntimeError(f"run {out} failed (exit {done.returncode}); see {out / 'train.log'}")
     return record
 
 
 def run_record(config: dict) -> dict | None:
-    """How the run went (exit status, wall time), as ``launch`` recorded it next to the run."""
     path = Path(config["output_dir"]) / RUN_RECORD
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -205,15 +249,34 @@ def run_one(config: dict):
     train(TrainConfig.from_dict(config))
 
 
-def load_base_config(path: str | None, overrides: list[str]) -> dict:
+def load_base_config(path: str | None, overrides: list[str], reward_mode: str | None = None) -> dict:
     from zopro_kernels.rloo.cli import parse_overrides
     from zopro_kernels.rloo.config import TrainConfig
 
     base = TrainConfig.from_yaml(path).to_dict() if path else TrainConfig().to_dict()
-    return TrainConfig.from_dict(base | parse_overrides(overrides)).to_dict()
+    mode = REWARD_MODES[reward_mode] if reward_mode else {}
+    return TrainConfig.from_dict(base | mode | parse_overrides(overrides)).to_dict()
+
+
+def run_all(configs: list[dict], jobs: int, force: bool = False) -> list[dict]:
+    todo = [c for c in configs if force or not finished(c)]
+    if todo:
+        print(f"[bench] {len(todo)} run(s) to do of {len(configs)}, {jobs} at a time", flush=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(launch, todo))
+
+
+def start_step_of(start: dict) -> int:
+    return read_evals(Path(start["output_dir"]) / "metrics.jsonl")[-1]["step"]
 
 
 # -- table and plot ----------------------------------------------------------------------------
+
+def _ci(stat: dict, spec: str = "+.3f") -> str:
+    if stat.get("mean") is None:
+        return "—"
+    return f"{format(stat['mean'], spec)} [{format(stat['low'], spec)}, {format(stat['high'], spec)}]"
+
 
 def _pm(stat: dict, spec: str = ".3f") -> str:
     if stat["mean"] is None:
@@ -221,52 +284,43 @@ def _pm(stat: dict, spec: str = ".3f") -> str:
     return format(stat["mean"], spec) + ("" if stat["std"] is None else f" ± {format(stat['std'], spec)}")
 
 
-def markdown(result: dict, checks: list[dict], env: dict, config: dict, runs: list[dict] = (),
-             jobs: int = 1, total_seconds: float | None = None) -> str:
+def markdown(result: dict, checks: list[dict], env: dict, config: dict, settings: dict, reward_mode: str,
+             runs: list[dict] = ()) -> str:
     seeds = sorted({s for m in result["methods"].values() for s in m["seeds"]})
-    lines = [f"Held-out judge score (judge: {config.get('judge')}) on the {config.get('prompts')} task, "
-             f"policy {config.get('model')}, LoRA r={config.get('lora_r')}; {config.get('iterations')} iterations × "
-             f"{config.get('steps_per_iteration')} steps of {config.get('batch_prompts')} prompts × k={config.get('k')}, "
-             f"first iteration {config.get('first_iteration')}; seeds {seeds}; mean ± std over seeds.",
-             "", environment_line(env), "",
-             *([f"{len(runs)} runs, {config.get('threads')} torch thread(s) each, "
-                f"{statistics.fmean(r['wall_seconds'] for r in runs) / 60:.1f} min per run on average "
-                "(held-out evaluations and start-up included)"
-                + (f"; this command ran {jobs} at a time, {total_seconds / 60:.0f} min in all." if total_seconds
-                   else "."), ""] if runs else []),
-             f"Equal steps: step {result['step_budget']}. Fixed wall clock: T = {result['time_budget_s']:.0f} s "
-             "of training (each run's last held-out evaluation at or before T).", "",
-             "| method | held-out before | after | gain | training s | gain per hour | gain at equal steps | "
-             "gain at T |", "|---|---|---|---|---|---|---|---|"]
+    walls = [r["wall_seconds"] for r in runs if r]
+    lines = [f"Held-out judge score (judge {config.get('judge')}, {config.get('eval_prompts')} prompts × "
+             f"{config.get('eval_samples')} samples, paired) on the {config.get('prompts')} task; policy "
+             f"{config.get('model')}, LoRA r={config.get('lora_r')}; reward mode **{reward_mode}**; seeds {seeds}.",
+             f"Each seed: a shared first-order iteration 0 (start run), then {result['step_budget']} − start "
+             f"optimisation steps per method ({config.get('steps_per_iteration')} rollouts of "
+             f"{config.get('batch_prompts')} prompts × k={config.get('k')} per iteration, each reused "
+             f"num_iterations times). Settings per method (from the validation split): `{json.dumps(settings)}`.",
+             "", environment_line(env), ""]
+    if walls:
+        lines += [f"{len(walls)} runs, {sum(walls) / 60:.0f} min in all ({statistics.fmean(walls) / 60:.1f} min "
+                  "per run, held-out evaluations and start-up included).", ""]
+    lines += ["Intervals: 95 % bootstrap (seeds, then prompts within a seed).", "",
+              "| method | held-out before | after | gain from start | gain over the ZO phase | gain at equal steps "
+              "| training s | gain per hour |", "|---|---|---|---|---|---|---|---|"]
     for method, m in result["methods"].items():
-        lines.append(f"| {method} | {_pm(m['start'])} | {_pm(m['final'])} | {_pm(m['gain'])} | "
-                     f"{_pm(m['train_seconds'], '.0f')} | "
-                     f"{_pm(m['gain_per_hour'])} | {_pm(m['gain_at_equal_steps'])} | {_pm(m['gain_at_time_budget'])} |")
+        lines.append(f"| {method} | {_pm(m['start'])} | {_pm(m['final'])} | {_ci(m['gain'])} | {_ci(m['phase_gain'])} "
+                     f"| {_ci(m['gain_at_equal_steps'])} | {_pm(m['train_seconds'], '.0f')} | {_pm(m['gain_per_hour'])} |")
     if result["paired"]:
-        lines += ["", "Paired by seed (same start), ZOPrO minus the other method:", "",
-                  "| versus | quantity | mean ± std | seeds |", "|---|---|---|---|"]
+        lines += ["", "Paired on the same held-out prompts and samples (same seed), ZOPrO minus the other, at equal "
+                  f"steps (step {result['step_budget']}):", "", "| versus | difference | per seed |", "|---|---|---|"]
         for p in result["paired"]:
-            lines.append(f"| {p['versus']} | {p['quantity']} | {_pm(p)} | {len(p['seeds'])} |")
+            per = ", ".join(f"{v:+.3f}" for v in p["per_seed"].values())
+            lines.append(f"| {p['versus']} | {_ci(p)} | {per} |")
+    lines += ["", "Per seed (held-out score: start → parted → final):", ""]
+    for method, m in result["methods"].items():
+        per = "; ".join(f"seed {s}: {p['start']:.3f} → {p['parted']:.3f} → {p['final']:.3f}"
+                        for s, p in m["per_seed"].items())
+        lines.append(f"- {method}: {per}")
     if checks:
-        lines += ["", "| target | ZOPrO | other | met | short by |", "|---|---|---|---|---|"]
+        lines += ["", "| target | value | met |", "|---|---|---|"]
         for c in checks:
-            other = next(v for k, v in c.items() if k in ("adamw", "mezo"))
-            lines.append(f"| {c['target']} | {c['zopro']:.3f} | {other:.3f} | {'yes' if c['met'] else 'no'} | "
-                         f"{c['short_by']:.3f} |")
+            lines.append(f"| {c['target']} | {_ci(c['value'])} | {'yes' if c['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
-
-
-def mean_curve(runs: dict[int, list[dict]], key: str) -> tuple[list, list, list]:
-    """x (mean over seeds of ``key``), mean score and its std, per evaluation index."""
-    longest = max(len(evals) for evals in runs.values())
-    xs, ys, sd = [], [], []
-    for i in range(longest):
-        points = [evals[i] for evals in runs.values() if i < len(evals)]
-        xs.append(statistics.fmean(p[key] for p in points))
-        scores = [p["score"] for p in points]
-        ys.append(statistics.fmean(scores))
-        sd.append(statistics.stdev(scores) if len(scores) > 1 else 0.0)
-    return xs, ys, sd
 
 
 def plot(runs: dict, path: Path) -> str | None:
@@ -275,15 +329,17 @@ def plot(runs: dict, path: Path) -> str | None:
         return None
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for method, by_seed in runs.items():
-        for axis, key, scale, label in ((axes[0], "seconds", 1 / 60, "training minutes (held-out evaluations excluded)"),
-                                        (axes[1], "step", 1, "policy steps")):
-            xs, ys, sd = mean_curve(by_seed, key)
-            xs = [x * scale for x in xs]
-            line, = axis.plot(xs, ys, marker="o", label=f"{method} ({len(by_seed)} seeds)")
-            axis.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
-                              color=line.get_color(), alpha=0.15)
+        for axis, key, scale, label in ((axes[0], "seconds", 1 / 60, "training minutes (evaluations excluded)"),
+                                        (axes[1], "step", 1, "optimisation steps")):
+            longest = max(len(e) for e in by_seed.values())
+            xs, ys = [], []
+            for i in range(longest):
+                points = [e[i] for e in by_seed.values() if i < len(e)]
+                xs.append(statistics.fmean(p[key] for p in points) * scale)
+                ys.append(statistics.fmean(p["score"] for p in points))
+            axis.plot(xs, ys, marker="o", label=f"{method} ({len(by_seed)} seeds)")
             axis.set_xlabel(label)
-    axes[0].set_ylabel("held-out judge score (mean ± std over seeds)")
+    axes[0].set_ylabel("held-out judge score (mean over seeds)")
     axes[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -293,57 +349,72 @@ def plot(runs: dict, path: Path) -> str | None:
 
 # -- main --------------------------------------------------------------------------------------
 
-def main(argv=None):
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "examples" / "sentiment.yaml"))
+    # the sweep's defaults (sweep.py): the start run is shared, so both scripts must make the same one
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "quality.yaml"))
+    parser.add_argument("--reward-mode", choices=sorted(REWARD_MODES), default="functions")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys (all runs)")
+    parser.add_argument("--start-set", nargs="*", default=["num_iterations=4"], metavar="KEY=VALUE",
+                        help="override keys of the shared first-order iteration 0 only")
+    parser.add_argument("--settings", help="JSON {method: {key: value}} (the sweep's choice) or a sweep results file")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--zo-iterations", type=int, default=1, help="iterations after the shared iteration 0")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--time-budget-s", type=float, default=None,
-                        help="training seconds per run (handed to the loop) and the fixed-time read-off")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-reward"))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--tag", default=None, help="added to the results file name")
     parser.add_argument("--force", action="store_true", help="run again runs that finished")
     parser.add_argument("--aggregate-only", action="store_true", help="read the runs in --runs-dir, run nothing")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def load_settings(path: str | None) -> dict:
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    return data.get("chosen", data) if isinstance(data, dict) else {}
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.run_one:
         return run_one(json.loads(args.run_one))
+    from zopro_kernels.rloo.cli import parse_overrides
 
-    base = load_base_config(args.config, args.set)
-    configs = [run_config(base, m, s, args.runs_dir, args.threads, args.time_budget_s)
+    base = load_base_config(args.config, args.set, args.reward_mode)
+    settings = load_settings(args.settings)
+    runs_dir = Path(args.runs_dir).resolve() / args.reward_mode  # the runs' subprocesses work in ROOT
+    starts = {s: start_config(base, parse_overrides(args.start_set), s, runs_dir, args.threads) for s in args.seeds}
+    configs = [method_config(base, settings, m, s, runs_dir, args.threads, args.zo_iterations)
                for s in args.seeds for m in args.methods]
-    launched, started = [], time.perf_counter()
+    started = time.perf_counter()
     if not args.aggregate_only:
-        todo = [c for c in configs if args.force or not finished(c)]
-        print(f"[bench_reward] {len(todo)} run(s) to do of {len(configs)}, {args.jobs} at a time; "
-              f"logs in {args.runs_dir}/<method>-seed<seed>/train.log", flush=True)
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            launched = list(pool.map(launch, todo))
-    records = [r for r in map(run_record, configs) if r is not None]
-    runs = {}
+        run_all(list(starts.values()), args.jobs, args.force)
+        run_all(configs, args.jobs, args.force)
+    records = [r for r in map(run_record, list(starts.values()) + configs) if r is not None]
+    runs, start_step = {}, {}
     for c in configs:
-        path = Path(c["output_dir"]) / "metrics.jsonl"
-        if finished(c):
-            runs.setdefault(c["optimizer"], {})[c["seed"]] = read_evals(path)
+        if finished(c) and finished(starts[c["seed"]]):
+            runs.setdefault(c["optimizer"], {})[c["seed"]] = read_evals(Path(c["output_dir"]) / "metrics.jsonl")
+            start_step[c["seed"]] = start_step_of(starts[c["seed"]])
         else:
-            print(f"[bench_reward] {c['output_dir']}: not finished, left out", flush=True)
+            print(f"[bench] {c['output_dir']}: not finished, left out", flush=True)
     if not runs:
         raise SystemExit("no finished run to aggregate")
-    result = aggregate(runs, args.time_budget_s)
+    result = aggregate(runs, start_step)
     checks = target_checks(result)
     device = torch.device("cuda" if torch.cuda.is_available() and base.get("device", "auto") != "cpu" else "cpu")
     env = environment(device, command_argv(__file__, argv))
-    stem = results_stem(args.out, "reward", env, args.tag)
+    stem = results_stem(args.out, "reward", env, args.tag or args.reward_mode)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    total = time.perf_counter() - started
-    table = markdown(result, checks, env, base, records, args.jobs, total if launched else None)
+    table = markdown(result, checks, env, base, settings, args.reward_mode, records)
     png = plot(runs, stem.with_suffix(".png"))
-    write_results(stem, env, result, table, config=base, targets=checks, runs=records, plot=png,
-                  jobs=args.jobs, total_seconds=total if launched else None,
+    write_results(stem, env, result, table, config=base, settings=settings, reward_mode=args.reward_mode,
+                  targets=checks, runs=records, plot=png, total_seconds=time.perf_counter() - started,
                   evaluations={m: {str(s): e for s, e in by_seed.items()} for m, by_seed in runs.items()})
     print(table)
     return result

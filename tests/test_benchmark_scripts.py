@@ -1,6 +1,8 @@
 """The benchmark scripts run end to end (tiny shapes, CPU) and write their results."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,80 +221,233 @@ def test_bench_budget_refuses_without_a_gpu_unless_dry_run(tmp_path):
     assert data["models"][0]["generation"]["rows"] == 4
 
 
-# -- bench_reward -------------------------------------------------------------------------------
+# -- bench_reward and sweep ---------------------------------------------------------------------
 
-def _write_metrics(path, evals, *, last_iteration):
+def _eval(split, iteration, step, seconds, scores, per_prompt=2):
+    """An evaluation record as ``RLOOTrainer.evaluate`` logs it."""
+    return {"event": "eval", "split": split, "iteration": iteration, "task_score": sum(scores) / len(scores),
+            "train_seconds": seconds, "global_step": step, "samples_per_prompt": per_prompt, "scores": scores}
+
+
+def _write_jsonl(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = [{"iteration": 0, "step": 0, "mode": "adamw", "J": 0.1}]  # step records are skipped
-    for i, (step, seconds, score) in enumerate(evals):
-        records.append({"event": "eval", "iteration": i - 1, "task_score": score, "train_seconds": seconds,
-                        "global_step": step})
-        if i:
-            records.append({"event": "iteration", "iteration": i - 1, "eval_task_score": score})
-    assert records[-1]["iteration"] == last_iteration
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
-# (step, training seconds, held-out score) after 0, 1, 2 iterations; AdamW's steps take 3× as long
-SYNTHETIC = {
-    "zopro": {0: [(0, 0, .10), (4, 60, .20), (8, 120, .30)], 1: [(0, 0, .20), (4, 60, .20), (8, 120, .35)],
-              2: [(0, 0, .30), (4, 60, .40), (8, 120, .40)]},
-    "mezo": {0: [(0, 0, .10), (4, 60, .10), (8, 120, .15)], 1: [(0, 0, .20), (4, 60, .20), (8, 120, .20)],
-             2: [(0, 0, .30), (4, 60, .35), (8, 120, .40)]},
-    "adamw": {0: [(0, 0, .10), (4, 180, .30), (8, 360, .40)], 1: [(0, 0, .20), (4, 180, .25), (8, 360, .30)],
-              2: [(0, 0, .30), (4, 180, .30), (8, 360, .50)]},
-}
-
-
-def test_reward_aggregation_matches_hand_computed_values(tmp_path):
+def test_read_evals_takes_one_split_per_prompt_means_in_step_order(tmp_path):
     bench_reward = _bench("bench_reward")
-    runs = {}
-    for method, by_seed in SYNTHETIC.items():
-        for seed, evals in by_seed.items():
-            path = tmp_path / f"{method}-seed{seed}" / "metrics.jsonl"
-            _write_metrics(path, evals, last_iteration=1)
-            assert bench_reward.finished({"output_dir": str(path.parent), "iterations": 2})
-            assert not bench_reward.finished({"output_dir": str(path.parent), "iterations": 3})
-            runs.setdefault(method, {})[seed] = bench_reward.read_evals(path)
-    result = bench_reward.aggregate(runs)
-    zo, mezo, adamw = (result["methods"][m] for m in ("zopro", "mezo", "adamw"))
-    assert (result["step_budget"], result["time_budget_s"]) == (8, 120)  # the shortest run's training time
+    path = _write_jsonl(tmp_path / "metrics.jsonl", [
+        {"iteration": 0, "step": 1, "mode": "adamw", "J": 0.1},  # step records are skipped
+        _eval("held_out", -1, 0, 0.0, [0.0, 1.0, 0.5, 0.5]),
+        _eval("validation", -1, 0, 0.0, [1.0, 1.0, 0.0, 0.0, 0.2, 0.4]),
+        _eval("held_out", 1, 8, 20.0, [1.0, 0.0, 0.25, 0.25]),  # logged out of order: sorted by step
+        {"event": "iteration", "iteration": 0, "eval_task_score": 0.5},
+        _eval("held_out", 0, 4, 10.0, [0.2, 0.4, -1.0, 1.0]),
+        _eval("validation", 0, 4, 10.0, [0.0, 0.0, 1.0, 1.0, 0.6, 0.8]),
+        {"event": "iteration", "iteration": 0, "eval_task_score": 0.5},
+    ])
+    held_out = bench_reward.read_evals(path)
+    assert [(e["iteration"], e["step"], e["seconds"]) for e in held_out] == [(-1, 0, 0.0), (0, 4, 10.0), (1, 8, 20.0)]
+    assert [e["prompts"] for e in held_out] == [[0.5, 0.5], [pytest.approx(0.3), 0.0], [0.5, 0.25]]
+    assert [e["score"] for e in held_out] == [0.5, pytest.approx(0.15), 0.375]
+    validation = bench_reward.read_evals(path, "validation")
+    assert [e["prompts"] for e in validation] == [[1.0, 0.0, pytest.approx(0.3)], [0.0, 1.0, pytest.approx(0.7)]]
+    assert bench_reward.differences(validation[1], validation[0]) == [-1.0, 1.0, pytest.approx(0.4)]
+    with pytest.raises(ValueError, match="different prompt sets"):
+        bench_reward.differences(validation[0], held_out[0])
+    # an eval record without a split is a held-out one (loops before the validation split)
+    record = _eval("held_out", -1, 0, 0.0, [1.0, 0.0])
+    untagged = _write_jsonl(tmp_path / "untagged.jsonl", [{k: v for k, v in record.items() if k != "split"}])
+    assert bench_reward.read_evals(untagged)[0]["prompts"] == [0.5]
+    with pytest.raises(ValueError, match="no validation evaluation"):
+        bench_reward.read_evals(untagged, "validation")
+    older = _write_jsonl(tmp_path / "older.jsonl", [{"event": "eval", "iteration": -1, "task_score": 0.3,
+                                                    "train_seconds": 0.0, "global_step": 0}])
+    with pytest.raises(ValueError, match="lack per-sample scores"):
+        bench_reward.read_evals(older)
+
+
+def test_interval_is_a_two_level_bootstrap_over_seeds_then_prompts():
+    interval = _bench("bench_reward").interval
+    assert interval({0: [0.3] * 5}) == {"mean": pytest.approx(0.3), "low": pytest.approx(0.3),
+                                        "high": pytest.approx(0.3), "seeds": 1}
+    # resampled means of four prompts are k/4 with k ~ Binomial(4, 1/4): P(0) = 0.32 > 2.5 %,
+    # P(≥ 3/4) = 0.051 > 2.5 % > P(1) = 0.004, so the 95 % interval is [0, 0.75]
+    one = interval({7: [0.0, 0.0, 0.0, 1.0]})
+    assert one == {"mean": 0.25, "low": 0.0, "high": 0.75, "seeds": 1}
+    # two seeds: resampling the seeds draws A twice (mean +1) or B twice (−1) a quarter of the time each;
+    # resampling prompts alone would give the interval [0, 0]
+    two = interval({0: [1.0, 1.0, 1.0], 1: [-1.0, -1.0, -1.0]})
+    assert two == {"mean": 0.0, "low": -1.0, "high": 1.0, "seeds": 2}
+    noisy = {0: [0.1, -0.3, 0.7, 0.2], 1: [0.5, 0.0, -0.1, 0.9], 2: [0.3, 0.3, -0.2, 0.4]}
+    assert interval(noisy, seed=5) == interval(noisy, seed=5)
+    assert interval(noisy, seed=5)["low"] < interval(noisy)["mean"] < interval(noisy, seed=5)["high"]
+    assert interval({})["mean"] is None and interval({0: []})["low"] is None
+
+
+def _ev(step, seconds, prompts):
+    """A ``read_evals`` entry."""
+    return {"iteration": None, "step": step, "seconds": seconds, "score": sum(prompts) / len(prompts),
+            "prompts": prompts}
+
+
+# per seed: a start run (step 0, then its end at step 4) shared by the methods; ZOPrO and MeZO then
+# evaluate at steps 6 and 8, AdamW stops at step 6 (so the equal-steps budget is 6)
+START = {0: [_ev(0, 0, [0.0, 0.2]), _ev(4, 40, [0.2, 0.4])], 1: [_ev(0, 0, [0.1, 0.3]), _ev(4, 40, [0.1, 0.5])]}
+AFTER = {"zopro": {0: [_ev(6, 50, [0.4, 0.4]), _ev(8, 60, [0.6, 0.8])],
+                   1: [_ev(6, 50, [0.3, 0.7]), _ev(8, 60, [0.5, 0.9])]},
+         "mezo": {0: [_ev(6, 50, [0.2, 0.6]), _ev(8, 60, [0.3, 0.5])],
+                  1: [_ev(6, 50, [0.1, 0.5]), _ev(8, 60, [0.2, 0.6])]},
+         "adamw": {0: [_ev(6, 90, [0.5, 0.7])], 1: [_ev(6, 90, [0.4, 0.4])]}}
+
+
+def _synthetic_runs(methods=("zopro", "mezo", "adamw")):
+    return {m: {s: START[s] + AFTER[m][s] for s in (0, 1)} for m in methods}
+
+
+def test_reward_aggregation_matches_hand_computed_values():
+    bench_reward = _bench("bench_reward")
     approx = pytest.approx
-    # ZOPrO gains .20, .15, .10 in 120 s = 1/30 h: 6.0, 4.5, 3.0 per hour
-    assert (zo["gain"]["mean"], zo["gain"]["std"]) == (approx(0.15), approx(0.05))
-    assert (zo["gain_per_hour"]["mean"], zo["gain_per_hour"]["std"]) == (approx(4.5), approx(1.5))
-    # AdamW gains .30, .10, .20 in 360 s = 0.1 h: 3, 1, 2 per hour
-    assert (adamw["gain_per_hour"]["mean"], adamw["gain_per_hour"]["std"]) == (approx(2.0), approx(1.0))
-    assert (mezo["gain_at_equal_steps"]["mean"], mezo["gain_at_equal_steps"]["std"]) == (approx(0.05), approx(0.05))
-    # at T = 120 s AdamW has only its start evaluation: no gain yet
-    assert adamw["gain_at_time_budget"]["mean"] == approx(0.0) and zo["gain_at_time_budget"]["mean"] == approx(0.15)
-    assert zo["start"]["mean"] == approx(0.2) and zo["steps"]["mean"] == 8
-    paired = {(p["versus"], p["quantity"]): p for p in result["paired"]}
-    # ZOPrO − AdamW per hour, seed by seed: 3, 3.5, 1 → mean 2.5, std √1.75
-    assert paired["adamw", "gain_per_hour"]["mean"] == approx(2.5)
-    assert paired["adamw", "gain_per_hour"]["std"] == approx(1.75 ** 0.5)
-    checks = {c["target"]: c for c in bench_reward.target_checks(result)}
-    assert checks["ZOPrO held-out gain per hour ≥ first-order RLOO's"]["met"] is True
-    assert checks["ZOPrO held-out gain at equal steps ≥ MeZO's"]["short_by"] == 0.0
+    result = bench_reward.aggregate(_synthetic_runs(), {0: 4, 1: 4})
+    assert result["step_budget"] == 6 and result["start_step"] == {0: 4, 1: 4}
+    zo, mezo, adamw = (result["methods"][m] for m in ("zopro", "mezo", "adamw"))
+    # ZOPrO, per prompt: from the start (step 0) to the end .6 .6 | .4 .6; over the ZO phase (from step 4)
+    # .4 .4 | .4 .4; at equal steps (step 6) .4 .2 | .2 .4
+    assert zo["gain"]["mean"] == approx(0.55) and zo["gain"]["low"] > 0.3 and zo["gain"]["high"] <= 0.6 + 1e-9
+    assert zo["phase_gain"] == {"mean": approx(0.4), "low": approx(0.4), "high": approx(0.4), "seeds": 2}
+    assert zo["gain_at_equal_steps"]["mean"] == approx(0.3)
+    assert zo["per_seed"][0] | {"gain_interval": None} == {
+        "start": approx(0.1), "parted": approx(0.3), "final": approx(0.7), "gain": approx(0.6),
+        "phase_gain": approx(0.4), "gain_at_equal_steps": approx(0.3), "train_seconds": 60, "steps": 8,
+        "gain_per_hour": approx(36.0), "gain_interval": None}  # 0.6 in 60 s
+    assert zo["gain_per_hour"] == {"mean": approx(33.0), "std": approx(18 ** 0.5), "n": 2}  # 36 and 30
+    assert (zo["start"]["mean"], zo["final"]["mean"], zo["train_seconds"]["mean"]) == (approx(0.15), approx(0.7), 60)
+    # MeZO: .3 .3 | .1 .3 from the start, .1 everywhere over the phase, .2 .4 | 0 .2 at step 6
+    assert (mezo["gain"]["mean"], mezo["phase_gain"]["mean"], mezo["gain_at_equal_steps"]["mean"]) == (
+        approx(0.25), approx(0.1), approx(0.2))
+    # AdamW ends at the budget: its gain is its gain at equal steps (.5 .5 | .3 .1)
+    assert adamw["gain"]["mean"] == approx(0.35) == adamw["gain_at_equal_steps"]["mean"]
+    assert adamw["phase_gain"]["mean"] == approx(0.2) and adamw["per_seed"][1]["steps"] == 6
+    paired = {p["versus"]: p for p in result["paired"]}
+    # ZOPrO − MeZO at step 6: .2 −.2 | .2 .2; ZOPrO − AdamW: −.1 −.3 | −.1 .3
+    assert paired["mezo"]["per_seed"] == {0: approx(0.0), 1: approx(0.2)}
+    assert paired["mezo"]["mean"] == approx(0.1) and paired["mezo"]["quantity"] == "score_at_equal_steps"
+    assert paired["mezo"]["low"] < 0 < paired["mezo"]["high"]
+    assert paired["adamw"]["per_seed"] == {0: approx(-0.2), 1: approx(0.1)} and paired["adamw"]["mean"] == approx(-0.05)
+    json.dumps(result)  # written as the results file
 
-    at_200 = bench_reward.aggregate(runs, time_budget_s=200)  # AdamW read at its 180 s evaluation: .2, .05, 0
-    assert at_200["methods"]["adamw"]["gain_at_time_budget"]["mean"] == approx(0.25 / 3)
-    assert at_200["methods"]["adamw"]["gain_at_time_budget"]["std"] == approx(0.0108333 ** 0.5, rel=1e-4)
-    worse = bench_reward.aggregate({"zopro": runs["mezo"], "mezo": runs["zopro"]})
-    (check,) = bench_reward.target_checks(worse)
-    assert check["met"] is False and check["short_by"] == approx(0.10)
+    checks = {c["target"]: c["met"] for c in bench_reward.target_checks(result)}
+    assert checks == {"adamw held-out gain > 0, interval excluding 0": True,
+                      "zopro held-out gain > 0, interval excluding 0": True,
+                      # better on the mean, but the paired interval holds 0
+                      "ZOPrO − MeZO at equal steps > 0, paired interval excluding 0": False}
+    # a ZOPrO worse than MeZO (the two swapped): not met
+    swapped = _synthetic_runs()
+    swapped["zopro"], swapped["mezo"] = swapped["mezo"], swapped["zopro"]
+    worse = bench_reward.aggregate(swapped, {0: 4, 1: 4})
+    (paired_check,) = [c for c in bench_reward.target_checks(worse) if c["target"].startswith("ZOPrO − MeZO")]
+    assert paired_check["value"]["mean"] == approx(-0.1) and paired_check["met"] is False
+    # a MeZO 0.1 below ZOPrO on every prompt after the start: met, the interval collapsed on 0.1
+    lower = _synthetic_runs(("zopro",))
+    lower["mezo"] = {s: START[s] + [_ev(e["step"], e["seconds"], [v - 0.1 for v in e["prompts"]])
+                                    for e in AFTER["zopro"][s]] for s in (0, 1)}
+    better = bench_reward.aggregate(lower, {0: 4, 1: 4})
+    assert better["step_budget"] == 8 and better["paired"][0]["low"] == approx(0.1)
+    assert all(c["met"] for c in bench_reward.target_checks(better))
+    # a gain interval reaching 0 is not "excluding 0"
+    assert bench_reward.target_checks({"methods": {"adamw": {"gain": {"mean": 0.1, "low": 0.0, "high": 0.2}}},
+                                       "paired": []})[0]["met"] is False
+    with pytest.raises(ValueError, match="not before training"):
+        bench_reward.aggregate({"zopro": {0: START[0][1:] + AFTER["zopro"][0]}}, {0: 4})
 
 
-def test_reward_evaluations_need_the_training_time(tmp_path):
+def test_reward_markdown_reports_every_method_and_interval():
+    bench_reward, results_io = _bench("bench_reward"), _bench("results_io")
+    result = bench_reward.aggregate(_synthetic_runs(), {0: 4, 1: 4})
+    checks = bench_reward.target_checks(result)
+    env = results_io.environment("cpu", ["benchmarks/bench_reward.py"])
+    config = {"judge": "vader", "eval_prompts": 64, "eval_samples": 4, "prompts": "rotten-tomatoes-negative",
+              "model": "smollm2-135m-instruct", "lora_r": 16, "steps_per_iteration": 3, "batch_prompts": 8, "k": 4}
+    table = bench_reward.markdown(result, checks, env, config, {"zopro": {"lr": 1e-6}}, "functions",
+                                  [{"wall_seconds": 60.0}, {"wall_seconds": 120.0}])
+    lines = table.splitlines()
+    rows = {m: [line for line in lines if line.startswith(f"| {m} | ")] for m in result["methods"]}
+    for method, m in result["methods"].items():
+        assert bench_reward._ci(m["gain"]) in rows[method][0]
+    assert rows["zopro"][0].startswith("| zopro | 0.150 ± 0.071 | 0.700 ± 0.000 | +0.550 [")
+    assert "| +0.400 [+0.400, +0.400] | +0.300 [" in rows["zopro"][0]  # the ZO phase: 0.4 on every prompt
+    assert rows["zopro"][0].endswith("| 60 ± 0 | 33.000 ± 4.243 |")
+    assert "| +0.100 [+0.100, +0.100] | +0.200 [" in rows["mezo"][0]
+    assert rows["adamw"][0].startswith("| adamw | 0.150 ± 0.071 | 0.500 ± 0.141 | +0.350 [")
+    # the paired table: ZOPrO − MeZO +0.1 (0 and 0.2 per seed), ZOPrO − AdamW −0.05 (−0.2 and +0.1)
+    assert rows["mezo"][1].startswith("| mezo | +0.100 [") and rows["mezo"][1].endswith("| +0.000, +0.200 |")
+    assert rows["adamw"][1].startswith("| adamw | -0.050 [") and rows["adamw"][1].endswith("| -0.200, +0.100 |")
+    assert "- zopro: seed 0: 0.100 → 0.300 → 0.700; seed 1: 0.200 → 0.300 → 0.700" in table
+    assert "2 runs, 3 min in all (1.5 min per run" in table and "reward mode **functions**" in table
+    assert '`{"zopro": {"lr": 1e-06}}`' in table and "(step 6)" in table
+    assert table.count("| yes |") == 2 and table.count("| no |") == 1
+
+
+def test_reward_settings_come_from_a_sweep_file_or_plain_json(tmp_path):
     bench_reward = _bench("bench_reward")
-    path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"event": "eval", "iteration": -1, "task_score": 0.3}) + "\n")
-    with pytest.raises(ValueError, match="train_seconds"):
-        bench_reward.read_evals(path)
-    assert bench_reward.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
+    (tmp_path / "sweep.json").write_text(json.dumps({"environment": {}, "results": {}, "chosen": {"zopro": {"lr": 3}}}))
+    (tmp_path / "plain.json").write_text(json.dumps({"mezo": {"spsa_lr": 1e-5}}))
+    assert bench_reward.load_settings(str(tmp_path / "sweep.json")) == {"zopro": {"lr": 3}}
+    assert bench_reward.load_settings(str(tmp_path / "plain.json")) == {"mezo": {"spsa_lr": 1e-5}}
+    assert bench_reward.load_settings(None) == {}
+    base = {"lr": 1.0, "eps": 1e-3, "optimizer": "zopro", "iterations": 9, "eval_split": "both"}
+    config = bench_reward.method_config(base, {"zopro": {"lr": 3}}, "zopro", 2, tmp_path, 1, zo_iterations=2)
+    assert config | {"output_dir": None, "start_from": None} == base | {
+        "lr": 3, "seed": 2, "iterations": 3, "eval_split": "held_out", "threads": 1, "progress": False, "plot": False,
+        "output_dir": None, "start_from": None}
+    assert config["start_from"] == str(tmp_path / "start-seed2")
+    assert config["output_dir"] == str(tmp_path / "zopro-seed2")
+    start = bench_reward.start_config(base, {"num_iterations": 4}, 2, tmp_path, 1)
+    assert (start["optimizer"], start["first_iteration"], start["iterations"], start["eval_split"]) == (
+        "zopro", "adamw", 1, "both") and start["num_iterations"] == 4 and "start_from" not in start
 
 
-def test_bench_reward_runs_the_loop_and_aggregates(tmp_path):
+def test_sweep_grids_points_and_choice(tmp_path):
+    sweep = _bench("sweep")
+    assert sweep.parse_grid("zopro:lr=1e-6,3e-6:eps=1e-4") == ("zopro", [{"lr": 1e-6, "eps": 1e-4},
+                                                                         {"lr": 3e-6, "eps": 1e-4}])
+    method, points = sweep.parse_grid("mezo:spsa_lr=1e-5,1e-4:eps=1e-3,1e-2:direction_norm=noise")
+    assert method == "mezo" and all(isinstance(p["spsa_lr"], float) and isinstance(p["eps"], float) for p in points)
+    assert [(p["spsa_lr"], p["eps"]) for p in points] == [(1e-5, 1e-3), (1e-5, 1e-2), (1e-4, 1e-3), (1e-4, 1e-2)]
+    assert points[0]["direction_norm"] == "noise"
+    assert sweep.parse_grid("adamw:adamw_lr=1e-3:rescale_guided_lr=true:directions=2")[1] == [
+        {"adamw_lr": 1e-3, "rescale_guided_lr": True, "directions": 2}]
+    for bad in ("sgd:lr=1e-3", "zopro", "zopro:lr", "zopro:lr=", "zopro:=1e-3"):
+        with pytest.raises(SystemExit, match="--grid"):
+            sweep.parse_grid(bad)
+
+    grid = (sweep.parse_grid("zopro:lr=1e-6,3e-6,1e-5:eps=1e-5,1e-4,1e-3")[1]
+            + sweep.parse_grid("zopro:lr=0.5,2:directions=1,2:direction_norm=noise,policy_delta")[1])
+    names = [sweep.point_name("zopro", p) for p in grid]
+    assert len(set(names)) == len(names) == 17
+    assert all(re.fullmatch(r"[A-Za-z0-9._+-]+", n) for n in names), names
+    assert names[0] == "sweep-zopro-lr1e-06-eps1e-05"
+
+    results = {"zopro": [{"settings": {"lr": 1}, "gain": 0.1}, {"settings": {"lr": 2}, "gain": 0.3},
+                         {"settings": {"lr": 3}, "gain": -0.2}],
+               "mezo": [{"settings": {"spsa_lr": 1}, "gain": math.nan}, {"settings": {"spsa_lr": 2}, "gain": -0.5},
+                        {"settings": {"spsa_lr": 3}, "gain": -0.4}],
+               "adamw": []}
+    assert sweep.choose(results) == {"zopro": {"lr": 2}, "mezo": {"spsa_lr": 3}}  # a NaN gain is never chosen
+
+    start = _write_jsonl(tmp_path / "start.jsonl", [
+        _eval("held_out", -1, 0, 0.0, [0.0, 0.0]), _eval("validation", -1, 0, 0.0, [0.0, 0.0, 0.0, 0.0]),
+        _eval("validation", 0, 4, 5.0, [0.2, 0.4, 0.1, 0.1])])
+    run = _write_jsonl(tmp_path / "run.jsonl", [json.loads(line) for line in start.read_text().splitlines()] + [
+        _eval("validation", 1, 6, 8.0, [0.6, 0.4, 0.1, 0.3]), _eval("validation", 2, 8, 9.0, [0.5, 0.5, 0.3, 0.3])])
+    # the run's last validation evaluation (per prompt .5, .3) over the start's last (.3, .1)
+    gain = sweep.validation_gain(run, start)
+    assert gain["gain"] == pytest.approx(0.2) and gain["start"] == pytest.approx(0.2)
+    assert gain["final"] == pytest.approx(0.4) and gain["interval"]["low"] == pytest.approx(0.2)
+
+
+def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("vaderSentiment")
     yaml = pytest.importorskip("yaml")
@@ -303,22 +458,73 @@ def test_bench_reward_runs_the_loop_and_aggregates(tmp_path):
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     config = {"model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts.jsonl"), "judge": "vader",
-              "k": 2, "max_new_tokens": 3, "max_prompt_tokens": 8, "max_length": 32, "iterations": 2,
-              "batch_prompts": 2, "steps_per_iteration": 1, "prompt_fraction": 0.25, "lora_r": 4, "lora_alpha": 8,
-              "reward_epochs": 1, "eval_prompts": 4, "reward_warmup": False}
+              "k": 2, "max_new_tokens": 3, "max_prompt_tokens": 8, "max_length": 32, "batch_prompts": 2,
+              "steps_per_iteration": 1, "num_iterations": 2, "prompt_fraction": 0.25, "lora_r": 4, "lora_alpha": 8,
+              "reward_epochs": 1, "eval_prompts": 4, "validation_prompts": 4, "eval_samples": 2,
+              "reward_warmup": False, "threads": 1, "adamw_lr": 0.05, "lr": 0.01, "spsa_lr": 0.01, "eps": 0.01}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    bench_reward = _bench("bench_reward")
-    args = ["--config", str(tmp_path / "config.yaml"), "--methods", "zopro", "--seeds", "3",
-            "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "results")]
+    bench_reward, sweep = _bench("bench_reward"), _bench("sweep")
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    common = ["--config", str(tmp_path / "config.yaml"), "--start-set", "num_iterations=3", "--threads", "1",
+              "--runs-dir", str(runs), "--out", str(out)]
+    args = common + ["--reward-mode", "functions", "--methods", "zopro", "mezo", "--seeds", "3"]
     result = bench_reward.main(args)
-    log = (tmp_path / "runs" / "zopro-seed3" / "train.log").read_text()
-    stats = result["methods"]["zopro"]
-    assert stats["seeds"] == [3] and stats["steps"]["mean"] == 2, log
-    assert 0 < stats["train_seconds"]["mean"] < 600
-    (path,) = (tmp_path / "results").glob("reward-*.json")
+
+    here = runs / "functions"
+    start_dir = here / "start-seed3"
+    logs = {d.name: (d / "train.log").read_text() for d in here.iterdir()}
+    assert sorted(logs) == ["mezo-seed3", "start-seed3", "zopro-seed3"]
+    start = {split: bench_reward.read_evals(start_dir / "metrics.jsonl", split) for split in ("held_out", "validation")}
+    # the start: evaluations before and after its one first-order iteration of 1 rollout × 3 steps (--start-set)
+    assert [e["step"] for e in start["held_out"]] == [0, 3] == [e["step"] for e in start["validation"]], logs
+    evals = {}
+    for method in ("zopro", "mezo"):
+        evals[method] = bench_reward.read_evals(here / f"{method}-seed3" / "metrics.jsonl")
+        assert evals[method][:2] == start["held_out"]  # the start's evaluations, copied
+        assert [e["step"] for e in evals[method]] == [0, 3, 5]  # then one iteration of 1 rollout × 2 steps
+        assert len(evals[method][-1]["prompts"]) == 4
+        # the methods evaluate the held-out split only: their validation evaluations are the start's
+        assert bench_reward.read_evals(here / f"{method}-seed3" / "metrics.jsonl", "validation") == start["validation"]
+    assert result["step_budget"] == 5 and result["start_step"] == {3: 3}
+    assert sorted(result["methods"]) == ["mezo", "zopro"] and result["paired"][0]["versus"] == "mezo"
+    zo = result["methods"]["zopro"]
+    assert zo["per_seed"][3]["start"] == pytest.approx(start["held_out"][0]["score"])
+    assert zo["per_seed"][3]["parted"] == pytest.approx(start["held_out"][1]["score"])
+    assert zo["gain"]["mean"] == pytest.approx(evals["zopro"][-1]["score"] - start["held_out"][0]["score"])
+    assert result["paired"][0]["mean"] == pytest.approx(evals["zopro"][-1]["score"] - evals["mezo"][-1]["score"])
+    assert 0 < zo["train_seconds"]["mean"] < 600
+    (path,) = out.glob("reward-*-functions-*.json")
     data = json.loads(path.read_text())
-    assert data["config"]["eval_prompts"] == 4 and data["config"]["judge"] == "vader"
-    assert len(data["evaluations"]["zopro"]["3"]) == 3 and data["runs"][0]["returncode"] == 0
-    assert path.with_suffix(".png").stat().st_size > 1000
-    again = bench_reward.main(args + ["--aggregate-only"])  # reads the finished run, runs nothing
-    assert again["methods"]["zopro"]["final"] == stats["final"]
+    assert data["reward_mode"] == "functions" and data["config"]["reward_model"] is False
+    assert data["config"]["eval_prompts"] == 4 and data["config"]["reward_funcs"] == ["judge"]
+    assert len(data["evaluations"]["zopro"]["3"]) == 3 and [r["returncode"] for r in data["runs"]] == [0, 0, 0]
+    assert "| zopro |" in path.with_suffix(".md").read_text() and path.with_suffix(".png").stat().st_size > 1000
+    record = start_dir / bench_reward.RUN_RECORD
+    before = (record.stat().st_mtime_ns, record.read_text(), (start_dir / "metrics.jsonl").read_text())
+
+    again = bench_reward.main(args + ["--aggregate-only"])  # reads the finished runs, runs nothing
+    assert json.dumps(again) == json.dumps(result)
+
+    chose = sweep.main(common + ["--reward-mode", "functions", "--grid", "zopro:lr=1e-3,1e-2", "--seed", "3"])
+    assert (record.stat().st_mtime_ns, record.read_text(), (start_dir / "metrics.jsonl").read_text()) == before
+    (sweep_path,) = out.glob("sweep-*-functions-*.json")
+    data = json.loads(sweep_path.read_text())
+    assert data["chosen"]["zopro"] in ({"lr": 1e-3}, {"lr": 1e-2}) and data["chosen"] == chose["chosen"]
+    for point in data["results"]["zopro"]:
+        metrics = here / f"{sweep.point_name('zopro', point['settings'])}-seed3" / "metrics.jsonl"
+        validation = bench_reward.read_evals(metrics, "validation")
+        assert validation[:2] == start["validation"] and validation[-1]["step"] == 5
+        assert point["gain"] == pytest.approx(validation[-1]["score"] - validation[1]["score"])
+    assert "**chosen**" in sweep_path.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="unknown config key"):  # a typo fails before anything runs
+        sweep.main(common + ["--grid", "zopro:lrr=1e-3", "--seed", "4"])
+    assert not (runs / "functions" / "start-seed4").exists()
+
+    modelled = bench_reward.main(common + ["--reward-mode", "model", "--methods", "zopro", "mezo", "--seeds", "3"])
+    (path,) = out.glob("reward-*-model-*.json")
+    data = json.loads(path.read_text())
+    assert data["config"]["reward_model"] is True and data["config"]["reward_funcs"] == []
+    assert modelled["step_budget"] == 5 and sorted(modelled["methods"]) == ["mezo", "zopro"]
+    lines = (runs / "model" / "start-seed3" / "metrics.jsonl").read_text().splitlines()
+    refinements = [json.loads(line) for line in lines if '"event": "iteration"' in line]
+    assert len(refinements) == 1 and "bt_loss_first" in refinements[0]  # the reward model was refined
