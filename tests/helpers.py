@@ -47,12 +47,12 @@ def guidance(shapes, kind, device, dtype=torch.float32):
 
 
 def captured_step(backend, device, dtype, shapes, *, granularity="tensor", kind="both", alpha=0.6,
-                  eps=1e-2, lr=0.0, weight_decay=0.0, init_scale=1.0, seed=11):
+                  eps=1e-2, lr=0.0, weight_decay=0.0, init_scale=1.0, seed=11, direction_norm="policy_delta"):
     """Run one step; return (initial θ, [θ at J₊, θ at J₋, θ after], (J₊, J₋), reference z)."""
     params = random_tensors(shapes, dtype, device, seed=7, scale=init_scale)
     initial = [p.clone() for p in params]
     opt = ZOPrO(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, alpha=alpha,
-                granularity=granularity, backend=backend)
+                granularity=granularity, backend=backend, direction_norm=direction_norm)
     dpi, dr = guidance(shapes, kind, device)
     opt.set_guidance(policy_delta=dpi, reward_delta=dr)
     seen, losses = [], []
@@ -66,7 +66,7 @@ def captured_step(backend, device, dtype, shapes, *, granularity="tensor", kind=
     opt.step(closure)
     seen.append([p.clone() for p in params])
     z = reference_direction(step_seed(seed, 0), starts_of(shapes), [torch.Size(s) for s in shapes],
-                            dpi, dr, alpha, granularity)
+                            dpi, dr, alpha, granularity, direction_norm)
     return initial, seen, losses, z
 
 
@@ -94,10 +94,12 @@ def check_step_against_reference(backend, device, dtype, shapes, granularity, ep
         assert_dtype_close(seen[2][t], theta0 - lr * (g * z[t] + wd * theta0), dtype)
 
 
-def check_guidance_variant(backend, device, shapes, granularity, kind):
-    """With θ₀ = 0 and ε = 1 the weights seen at J₊ are z itself: compare with float64 eq. 2."""
+def check_guidance_variant(backend, device, shapes, granularity, kind, direction_norm="policy_delta"):
+    """With θ₀ = 0 and ε = 1 the weights seen at J₊ are z itself: compare with float64 eq. 2.
+    ("zeros": Δπ set but 0 everywhere, so a guided step whose z has no Δπ part: 0 under
+    "policy_delta", the projected noise at the guided scale under "noise".)"""
     _, seen, _, z = captured_step(backend, device, torch.float32, shapes, granularity=granularity,
-                                  kind=kind, eps=1.0, init_scale=0.0)
+                                  kind=kind, eps=1.0, init_scale=0.0, direction_norm=direction_norm)
     for t in range(len(shapes)):
         got = seen[0][t].double().cpu()
         assert torch.isfinite(got).all()

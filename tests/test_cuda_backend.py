@@ -353,11 +353,12 @@ def test_perturb_and_update_match_reference(cuda_target, dtype, shapes, granular
     check_step_against_reference(backend, device, DTYPES[dtype], shapes, granularity)
 
 
+@pytest.mark.parametrize("direction_norm", ["policy_delta", "noise"])
 @pytest.mark.parametrize("kind", ["none", "reward", "policy", "zeros"])
 @pytest.mark.parametrize("granularity", ["tensor", "global"])
-def test_guidance_variants_match_reference(cuda_target, kind, granularity):
+def test_guidance_variants_match_reference(cuda_target, kind, granularity, direction_norm):
     backend, device = cuda_target
-    check_guidance_variant(backend, device, SHAPES["odd"], granularity, kind)
+    check_guidance_variant(backend, device, SHAPES["odd"], granularity, kind, direction_norm)
 
 
 @pytest.mark.parametrize("shapes", ["odd", "aligned"])

@@ -27,11 +27,12 @@ def test_perturb_and_update_match_reference(target, dtype, shapes, granularity):
     check_step_against_reference(backend, device, DTYPES[dtype], SHAPES[shapes], granularity)
 
 
+@pytest.mark.parametrize("direction_norm", ["policy_delta", "noise"])
 @pytest.mark.parametrize("kind", ["none", "reward", "policy", "zeros"])
 @pytest.mark.parametrize("granularity", ["tensor", "global"])
-def test_guidance_variants_match_reference(target, kind, granularity):
+def test_guidance_variants_match_reference(target, kind, granularity, direction_norm):
     backend, device = target
-    check_guidance_variant(backend, device, SHAPES["odd"], granularity, kind)
+    check_guidance_variant(backend, device, SHAPES["odd"], granularity, kind, direction_norm)
 
 
 def test_unguided_direction_is_exactly_the_noise(target):

@@ -19,8 +19,15 @@ def reference_direction(
     reward_delta: list[torch.Tensor | None] | None,
     alpha: float,
     granularity: str,
+    direction_norm: str = "policy_delta",
 ) -> list[torch.Tensor]:
-    """z for every tensor (float64, CPU), given their global starts and shapes."""
+    """z for every tensor (float64, CPU), given their global starts and shapes.
+
+    ``policy_delta`` None: no guidance, z = u. Given (a list, entries may be None or zero), every
+    step is guided: a unit whose Δπ is 0 has no Δπ part and keeps the guided scale of its noise
+    part (0 with "policy_delta", √(1−α²)·√d·u/‖u‖ with "noise").
+    """
+    guided = policy_delta is not None
     numels = [int(torch.Size(s).numel()) for s in shapes]
     count = len(numels)
     policy = _float64_or_zeros(policy_delta, numels)
@@ -36,11 +43,17 @@ def reference_direction(
         if dr.norm() > 0:
             r_hat = dr / dr.norm()
             u = n - (n @ r_hat) * r_hat
-        if dpi.norm() > 0:
-            unit_u = u / u.norm() if u.norm() > 1e-3 * n.norm() else torch.zeros_like(u)
-            direction = alpha * dpi + (1 - alpha**2) ** 0.5 * unit_u * dpi.norm()
+        degenerate = not u.norm() > 1e-3 * n.norm()
+        if not guided:
+            direction = torch.zeros_like(u) if degenerate else u
         else:
-            direction = u if u.norm() > 1e-3 * n.norm() else torch.zeros_like(u)
+            unit_u = torch.zeros_like(u) if degenerate else u / u.norm()
+            if direction_norm == "policy_delta":
+                direction = alpha * dpi + (1 - alpha**2) ** 0.5 * unit_u * dpi.norm()
+            else:
+                root_d = float(n.numel()) ** 0.5
+                unit_dpi = dpi / dpi.norm() if dpi.norm() > 0 else torch.zeros_like(dpi)
+                direction = root_d * (alpha * unit_dpi + (1 - alpha**2) ** 0.5 * unit_u)
         for t, piece in zip(unit, direction.split([numels[t] for t in unit])):
             z[t] = piece.reshape(shapes[t])
     return z
