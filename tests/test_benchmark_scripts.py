@@ -528,3 +528,14 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     lines = (runs / "model" / "start-seed3" / "metrics.jsonl").read_text().splitlines()
     refinements = [json.loads(line) for line in lines if '"event": "iteration"' in line]
     assert len(refinements) == 1 and "bt_loss_first" in refinements[0]  # the reward model was refined
+
+    # the direction probe reads the start run's checkpoint and config, and never moves the weights
+    probe = _bench("probe_direction")
+    checkpoint = (start_dir / "checkpoint.pt").read_bytes()
+    summary = probe.main(["--run", str(here / "start-seed3"), "--batches", "2", "--out", str(out), "--threads", "1"])
+    assert (start_dir / "checkpoint.pt").read_bytes() == checkpoint
+    (probe_path,) = out.glob("direction-*.json")
+    rows = json.loads(probe_path.read_text())["results"]
+    assert len(rows) == 2 and all(math.isfinite(r["along_policy_delta"]) and math.isfinite(r["random"]) for r in rows)
+    assert summary["along_policy_delta"]["mean"] == pytest.approx(sum(r["along_policy_delta"] for r in rows) / 2)
+    assert 0 <= summary["random"]["continue_share"] <= 1
