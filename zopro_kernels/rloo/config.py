@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..direction import DIRECTION_NORMS
+from .judges import LLMPairwiseJudge
+
 OPTIMIZERS = ("zopro", "mezo", "adamw")
 FIRST_ITERATIONS = ("adamw", "spsa")
 EVAL_SPLITS = ("held_out", "validation", "both")
-DIRECTION_NORMS = ("noise", "policy_delta")
 
 
 @dataclass
@@ -113,8 +115,8 @@ class TrainConfig:
             raise ValueError(f"eval_split {self.eval_split!r} is not one of {EVAL_SPLITS}")
         if self.direction_norm not in DIRECTION_NORMS:
             raise ValueError(f"direction_norm {self.direction_norm!r} is not one of {DIRECTION_NORMS}")
-        if self.judge_order not in ("both", "random", "fixed"):
-            raise ValueError(f"judge_order {self.judge_order!r} is not 'both', 'random' or 'fixed'")
+        if self.judge_order not in LLMPairwiseJudge.ORDERS:
+            raise ValueError(f"judge_order {self.judge_order!r} is not one of {LLMPairwiseJudge.ORDERS}")
         if not isinstance(self.reward_funcs, (list, tuple)) or not all(
                 callable(f) or isinstance(f, str) for f in self.reward_funcs):
             raise ValueError(f"reward_funcs must be a list of names ('judge', 'module:function') or callables, "
