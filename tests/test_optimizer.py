@@ -231,9 +231,140 @@ def test_alpha_schedules():
 
 def test_linear_alpha_with_policy_delta_needs_iteration_length():
     opt = ZOPrO([torch.zeros(3)], backend="torch")
-    with pytest.raises(ValueError, match="steps_per_iteration"):
+    with pytest.raises(ValueError, match="steps_per_iteration"):  # no iteration yet: no length to use
         opt.set_guidance(policy_delta=[torch.ones(3)])
     opt.set_guidance(reward_delta=[torch.ones(3)])  # ΔR alone needs no α
+
+
+def run_iterations(opt, params, lengths):
+    alphas = []
+    opt.mark_iteration()
+    for length in lengths:
+        for _ in range(length):
+            alphas.append(opt.current_alpha())
+            opt.step(quadratic(params))
+        opt.mark_iteration()
+    return alphas
+
+
+def test_default_alpha_decays_over_the_last_iteration():
+    # No steps_per_iteration: iteration t decays over iteration t−1's length (4, then 6 steps).
+    default = [torch.zeros(20, dtype=torch.float64)]
+    given = [torch.zeros(20, dtype=torch.float64)]
+    opt = ZOPrO(default, lr=1e-2, eps=1e-3, backend="torch")
+    assert opt.iteration_length is None
+    alphas = run_iterations(opt, default, [4, 6, 3])
+    assert opt.iteration_length == 3
+    assert alphas[:4] == [0.0] * 4  # iteration 0: no Δπ and no length yet, α is not used
+    assert alphas[4:10] == pytest.approx([0.999 * max(0.0, 1 - k / 4) for k in range(6)])  # over iteration 0's 4
+    assert alphas[10:] == pytest.approx([0.999 * (1 - k / 6) for k in range(3)])  # over iteration 1's 6
+    # the same as telling it the length: the lengths agree in iteration 1 (4 steps)
+    opt_given = ZOPrO(given, lr=1e-2, eps=1e-3, backend="torch", steps_per_iteration=4)
+    run_iterations(opt_given, given, [4, 4])
+    check = [torch.zeros(20, dtype=torch.float64)]
+    run_iterations(ZOPrO(check, lr=1e-2, eps=1e-3, backend="torch"), check, [4, 4])
+    assert torch.equal(check[0], given[0])
+
+
+def test_default_iteration_length_survives_a_resume():
+    params = [torch.zeros(20, dtype=torch.float64)]
+    opt = ZOPrO(params, lr=1e-2, eps=1e-3, backend="torch")
+    run_iterations(opt, params, [5])
+    opt.step(quadratic(params))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    copy = [params[0].clone()]
+    resumed = ZOPrO(copy, lr=1e-2, eps=1e-3, backend="torch")
+    resumed.load_state_dict(torch.load(buffer))
+    assert resumed.iteration_length == 5 and resumed.current_alpha() == opt.current_alpha()
+    for o, ps in ((opt, params), (resumed, copy)):
+        for _ in range(3):
+            o.step(quadratic(ps))
+    assert torch.equal(params[0], copy[0])
+
+
+# ---- frozen parameters (torch.optim leaves requires_grad=False alone) ---------------------------
+def frozen_and_trained(seed=1):
+    tensors = random_tensors([(4, 3), (6,), (5, 2), (7,)], torch.float32, "cpu", seed=seed)
+    for t, trained in zip(tensors, (True, False, True, False)):
+        t.requires_grad_(trained)
+    return tensors
+
+
+def test_frozen_parameters_are_left_alone_and_the_rest_trains_as_if_alone():
+    mixed = frozen_and_trained()
+    alone = [t.detach().clone().requires_grad_() for t in mixed if t.requires_grad]
+    frozen_before = [t.detach().clone() for t in mixed if not t.requires_grad]
+    loss = lambda ps: lambda: sum((p.double() - 0.5).square().sum() for p in ps if p.requires_grad)  # noqa: E731
+    with pytest.warns(UserWarning, match="2 of 4 parameters have requires_grad=False"):
+        opt = ZOPrO(mixed, lr=1e-2, eps=1e-3, backend="torch", seed=4)
+        opt.mark_iteration()
+    opt_alone = ZOPrO(alone, lr=1e-2, eps=1e-3, backend="torch", seed=4)
+    opt_alone.mark_iteration()
+    with torch.no_grad():
+        for o, ps in ((opt, mixed), (opt_alone, alone)):
+            for _ in range(5):
+                o.step(loss(ps))
+            o.mark_iteration()  # Δπ formed for the trained tensors only
+            o.step(loss(ps))
+    trained = [t for t in mixed if t.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(trained, alone))  # same noise layout, same steps
+    assert not torch.equal(trained[0], random_tensors([(4, 3)], torch.float32, "cpu", seed=1)[0])
+    assert all(torch.equal(a, b) for a, b in zip([t for t in mixed if not t.requires_grad], frozen_before))
+    state = opt.state_dict()["state"]
+    assert sorted(state) == [0, 2]  # torch.optim's numbering: positions in the parameter list
+    assert all(torch.equal(state[i]["master"], mixed[i].detach()) for i in (0, 2))
+
+
+def test_frozen_parameters_take_no_guidance_and_state_stays_aligned():
+    mixed = frozen_and_trained()
+    with pytest.warns(UserWarning):
+        opt = ZOPrO(mixed, lr=1e-2, eps=1e-3, backend="torch", alpha=0.5)
+        with pytest.raises(ValueError, match="requires_grad=False"):
+            opt.set_guidance(policy_delta=[None, torch.ones(6), None, None])
+    opt.set_guidance(policy_delta=[torch.ones(4, 3), None, torch.ones(5, 2), None])
+    state = opt.state_dict()
+    assert torch.equal(state["state"][2]["policy_delta"], torch.ones(5, 2))
+    with pytest.warns(UserWarning):
+        again = ZOPrO(frozen_and_trained(), lr=1e-2, eps=1e-3, backend="torch", alpha=0.5)
+        again.load_state_dict(state)
+    assert torch.equal(again.state_dict()["state"][2]["policy_delta"], torch.ones(5, 2))
+    all_trained = [t.detach().clone().requires_grad_() for t in mixed]
+    with pytest.raises(ValueError, match="does not train"):
+        ZOPrO(all_trained[:1] + [t.detach() for t in all_trained[1:]], lr=1e-2, backend="torch",
+              alpha=0.5).load_state_dict(state)
+
+
+def test_plain_tensors_without_requires_grad_all_train():
+    # Zeroth order needs no gradients: tensors none of which require grad are all trained, silently.
+    import warnings
+
+    params = [torch.zeros(3), torch.zeros(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = ZOPrO(params, lr=1e-2, backend="torch")
+        opt.step(quadratic(params))
+    assert all(bool((p != 0).all()) for p in params)
+
+
+def test_peft_model_parameters_train_the_adapters_only():
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.arange(8).reshape(1, 8)
+    with pytest.warns(UserWarning, match="requires_grad=False"):
+        opt = ZOPrO(model.parameters(), lr=1e-3, eps=1e-3, backend="torch")
+        with torch.no_grad():
+            opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    lora = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed == lora and len(lora) == 4
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ class ZOEngine:
         self.parameter_count = parameter_count
         self.home = home
         # Each set's rows in the per-parameter tables, made once (no host-to-device copy per step).
-        self._rows = [torch.tensor(s.indices, device=home) for s in sets]
+        self._rows = [torch.tensor(s.rows, device=home) for s in sets]
         self.sharded = torch.tensor(sharded, dtype=torch.bool, device=home)
         self.communicator = communicator if any(sharded) else None
         # Whether guidance was given (the same on every process, even one whose shards are empty).

@@ -45,7 +45,9 @@ class ZOPrO(torch.optim.Optimizer):
             broadcast to every process of ``process_group``.
         alpha: "linear" (1−1e-3 → 0 over ``steps_per_iteration``), "exp", "constant",
             a float in [0, 1], or a callable ``step_in_iteration -> float``.
-        steps_per_iteration: length of an iteration, for the "linear" and "exp" schedules.
+        steps_per_iteration: length of an iteration, for the "linear" and "exp" schedules. Default
+            (None): the length of the last iteration, i.e. the steps between the last two
+            ``mark_iteration`` calls; guidance before any such iteration then needs this argument.
         granularity: "tensor" (projection and ‖Δπ‖ rescale per tensor, as the authors'
             implementation and the paper's numbers) or "global" (over the whole vector, as eq. 2 is written).
         backend: "auto", "torch", "triton" or "cuda".
@@ -122,6 +124,7 @@ class ZOPrO(torch.optim.Optimizer):
         self._nonfinite_device = None
         self._hyper_cache = None
         self._marked = False  # mark_iteration has recorded a snapshot
+        self._last_iteration_length = None  # steps of the last iteration closed by mark_iteration
         self._checked_step = None  # global step of the last cross-process agreement check
         self.last_step: dict = {}
 
@@ -156,28 +159,48 @@ class ZOPrO(torch.optim.Optimizer):
     def _ensure_engine(self) -> ZOEngine:
         if self._engine is None:
             params, names = self._flat_parameters()
-            for i, (p, name) in enumerate(zip(params, names)):
-                validate_parameter(p, name, i)
-            self._pieces = [local_piece(p) for p in params]
-            for i, (local, *_rest) in enumerate(self._pieces):
+            trained = self._trained_positions(params, names)
+            for i in trained:
+                validate_parameter(params[i], names[i], i)
+            self._pieces = {i: local_piece(params[i]) for i in trained}
+            for i, (local, *_rest) in self._pieces.items():
                 validate_parameter(local, names[i], i)
+            pieces = [self._pieces[i] for i in trained]
             group = self.process_group
             self._communicator = Communicator(group) if group is not None and dist_size(group) > 1 else None
             if self._communicator is not None:
                 self._communicator.agree_on_layout(self.seed, self.global_step,
-                                                   sum(n for _, n, _, _ in self._pieces), len(params))
-            sets = build_parameter_sets([piece[:3] for piece in self._pieces], names, self.master_weights,
-                                        self.guidance_dtype)
+                                                   sum(n for _, n, _, _ in pieces), len(pieces))
+            sets = build_parameter_sets([piece[:3] for piece in pieces], [names[i] for i in trained],
+                                        self.master_weights, self.guidance_dtype, positions=trained)
             self._engine = ZOEngine(
-                sets, self.backend, self.granularity, parameter_count=len(params),
-                home=self._pieces[0][0].device, sharded=[piece[3] for piece in self._pieces],
-                communicator=self._communicator, numels=[piece[1] for piece in self._pieces],
+                sets, self.backend, self.granularity, parameter_count=len(pieces),
+                home=pieces[0][0].device, sharded=[piece[3] for piece in pieces],
+                communicator=self._communicator, numels=[piece[1] for piece in pieces],
                 direction_norm=self.direction_norm,
             )
             self._group_index = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         else:
             self._engine.check_unmoved()
         return self._engine
+
+    def _trained_positions(self, params, names) -> list[int]:
+        """Positions of the parameters ZOPrO trains. As with torch.optim, a parameter with
+        ``requires_grad=False`` beside others that require it (a peft model's frozen base) is left
+        alone: no pass, no master copy. When none requires grad (plain tensors: ZO needs no
+        gradients), all are trained. Decided at first use; the noise's index layout is that of the
+        trained parameters only, so passing the trained ones alone gives the same steps."""
+        flags = [not isinstance(p, torch.Tensor) or p.requires_grad for p in params]
+        if not any(flags):
+            return list(range(len(params)))
+        trained = [i for i, flag in enumerate(flags) if flag]
+        frozen = len(params) - len(trained)
+        if frozen:
+            import warnings
+
+            warnings.warn(f"ZOPrO: {frozen} of {len(params)} parameters have requires_grad=False and are "
+                          "left alone (not perturbed, not updated, no master copy).", stacklevel=4)
+        return trained
 
     def _hyperparameters(self):
         """Per set: [T] float64 vectors of (lr, eps, weight_decay), rebuilt when a group changes."""
@@ -193,8 +216,17 @@ class ZOPrO(torch.optim.Optimizer):
 
     # ---- the step --------------------------------------------------------------------------
     def current_alpha(self) -> float:
-        """α for the next step (meaningful once Δπ is set)."""
-        return alpha_at(self.alpha, self.iteration_step, self.steps_per_iteration)
+        """α for the next step (meaningful once Δπ is set; 0 while a decay's length is unknown,
+        which is only before any Δπ can be)."""
+        if needs_iteration_length(self.alpha) and self.iteration_length is None:
+            return 0.0
+        return alpha_at(self.alpha, self.iteration_step, self.iteration_length)
+
+    @property
+    def iteration_length(self) -> int | None:
+        """The steps α decays over: ``steps_per_iteration``, or else the length of the last
+        iteration (steps between the last two ``mark_iteration`` calls); None while unknown."""
+        return self.steps_per_iteration if self.steps_per_iteration is not None else self._last_iteration_length
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -343,6 +375,8 @@ class ZOPrO(torch.optim.Optimizer):
         and α restarts. Call it once before training and after each iteration."""
         engine = self._ensure_engine()
         forms_delta = self._marked
+        if self.iteration_step > 0:
+            self._last_iteration_length = self.iteration_step
         if forms_delta:
             self._require_iteration_length()
         for s in engine.sets:
@@ -380,10 +414,12 @@ class ZOPrO(torch.optim.Optimizer):
             s.sync_from_model()
 
     def _require_iteration_length(self):
-        if needs_iteration_length(self.alpha) and self.steps_per_iteration is None:
+        if needs_iteration_length(self.alpha) and self.iteration_length is None:
             raise ValueError(
-                f"alpha={self.alpha!r} decays over an iteration: pass steps_per_iteration=... to "
-                "ZOPrO, or use alpha='constant', a float or a callable"
+                f"alpha={self.alpha!r} decays over an iteration whose length is not known yet: pass "
+                "steps_per_iteration=... to ZOPrO, or call mark_iteration() before and after an iteration "
+                "of steps (the next one then decays over as many steps), or use alpha='constant', a float "
+                "or a callable"
             )
 
     def _align(self, deltas, what: str) -> list:
@@ -409,6 +445,9 @@ class ZOPrO(torch.optim.Optimizer):
             if d is None:
                 continue
             where = f"{what} for {describe(names[i], i)}"
+            if i not in self._pieces:
+                raise ValueError(f"{where} was given, but that parameter has requires_grad=False and is not "
+                                 "trained by ZOPrO")
             if not isinstance(d, torch.Tensor):
                 raise ValueError(f"{where} is a {type(d).__name__}, not a tensor")
             if d.shape != p.shape:
@@ -469,6 +508,7 @@ class ZOPrO(torch.optim.Optimizer):
             "has_policy": engine.has_policy,
             "has_reward": engine.has_reward,
             "marked": self._marked,
+            "iteration_length": self._last_iteration_length,
         }
         return sd
 
@@ -483,6 +523,9 @@ class ZOPrO(torch.optim.Optimizer):
         state = state_dict.get("state", {})
         params, names = self._flat_parameters()
         for i, entry in state.items():
+            if i not in self._pieces:
+                raise ValueError(f"the state dict has optimizer state for {describe(names[i] if i < len(names) else None, i)}, "
+                                 "which this optimizer does not train (requires_grad=False, or another parameter list)")
             for key, value in entry.items():
                 local = self._pieces[i][0]  # a sharded run saves each process's shards
                 if key in _ARENAS and tuple(value.shape) != tuple(local.shape):
@@ -506,6 +549,7 @@ class ZOPrO(torch.optim.Optimizer):
         engine.has_reward = run.get("has_reward", any(s.reward_delta is not None for s in engine.sets))
         engine.guidance_changed(reward=True)
         self._marked = run.get("marked", any(s.snapshot is not None for s in engine.sets))
+        self._last_iteration_length = run.get("iteration_length")
         self._checked_step = None
         self.seed = run["seed"]
         self.global_step = run["global_step"]

@@ -31,10 +31,11 @@ def describe(name: str | None, index: int) -> str:
 class ParameterSet:
     params: list[torch.Tensor]
     names: list[str | None]
-    indices: list[int]  # position of each tensor in the optimizer's flat parameter list
+    indices: list[int]  # position of each tensor in the optimizer's flat parameter list (frozen ones included)
     starts: list[int]  # global index of each local tensor's first value
     master_weights: bool
     guidance_dtype: torch.dtype = torch.float32  # storage of Δπ and ΔR (fp32, or bf16 to halve their traffic)
+    rows: list[int] | None = None  # position of each tensor among the trained ones (the engine's tables)
     master: torch.Tensor | None = None
     policy_delta: torch.Tensor | None = None
     reward_delta: torch.Tensor | None = None
@@ -45,6 +46,8 @@ class ParameterSet:
     _kernel_tables: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.rows is None:
+            self.rows = list(self.indices)
         self._addresses = [p.data_ptr() for p in self.params]
         self.offsets = [0]  # arena position of each tensor's first value
         for p in self.params:
@@ -169,13 +172,17 @@ class ParameterSet:
 
 
 def build_parameter_sets(pieces, names: list[str | None], master_weights: bool,
-                         guidance_dtype: torch.dtype = torch.float32) -> list[ParameterSet]:
+                         guidance_dtype: torch.dtype = torch.float32,
+                         positions: list[int] | None = None) -> list[ParameterSet]:
     """Group by (device, dtype) in order of first appearance and assign global index ranges.
 
     ``pieces``: per parameter, (local tensor, full numel, flat offset of the local piece in the
     full parameter). Global ranges follow the full sizes, so every process of a sharded run
-    agrees on them; empty local pieces take no part in the passes.
+    agrees on them; empty local pieces take no part in the passes. ``positions``: each piece's
+    place in the optimizer's parameter list (default: its place in ``pieces``), for when frozen
+    parameters are left out.
     """
+    positions = list(range(len(pieces))) if positions is None else positions
     order: dict[tuple, list[int]] = {}
     for i, (local, _, _) in enumerate(pieces):
         order.setdefault((local.device, local.dtype), []).append(i)
@@ -193,7 +200,8 @@ def build_parameter_sets(pieces, names: list[str | None], master_weights: bool,
                 ParameterSet(
                     params=[pieces[i][0] for i in kept],
                     names=[names[i] for i in kept],
-                    indices=kept,
+                    indices=[positions[i] for i in kept],
+                    rows=kept,
                     starts=starts,
                     master_weights=master_weights,
                     guidance_dtype=guidance_dtype,
