@@ -129,10 +129,15 @@ def test_data_parallel_ranks_stay_identical_and_send_o1_bytes(tmp_path, world):
     assert torch.allclose(results[10]["weights"][0], w, rtol=1e-6, atol=1e-7)
 
 
-def _mismatch_worker(rank, world, store, out):
+def _mismatch_worker(rank, world, store, out, what="seed"):
     _init(rank, world, store)
-    w = torch.zeros(4)
-    opt = ZOPrO([w], seed=rank)  # rank 1 disagrees
+    if what == "seed":
+        w = torch.zeros(4)
+        opt = ZOPrO([w], seed=rank)  # rank 1 disagrees
+    else:  # the same numel and tensor count, other shapes (or dtypes): rank 1 holds another model
+        w = torch.zeros(6) if rank == 0 else torch.zeros(6, dtype=torch.float64 if what == "dtype" else None)
+        w = w.reshape(2, 3) if rank == 0 or what == "dtype" else w.reshape(3, 2)
+        opt = ZOPrO([w], seed=0)
     try:
         opt.step(lambda: w.sum())
         message = None
@@ -142,9 +147,10 @@ def _mismatch_worker(rank, world, store, out):
     dist.destroy_process_group()
 
 
-def test_seed_mismatch_is_an_error_on_every_rank(tmp_path):
+@pytest.mark.parametrize("what", ["seed", "shape", "dtype"])
+def test_seed_or_layout_mismatch_is_an_error_on_every_rank(tmp_path, what):
     out = tmp_path / "message"
-    mp.spawn(_mismatch_worker, args=(2, tmp_path / "store", out), nprocs=2)
+    mp.spawn(_mismatch_worker, args=(2, tmp_path / "store", out, what), nprocs=2)
     for rank in range(2):
         message = torch.load(f"{out}.{rank}")
         assert message is not None and "disagree" in message and "[1]" in message

@@ -148,6 +148,25 @@ def test_load_state_dict_rejects_foreign_state(target):
         opt.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("key,saved,loading", [
+    ("granularity", "tensor", "global"),
+    ("master_weights", True, False),
+    ("direction_norm", "policy_delta", "noise"),
+    ("directions", 1, 2),
+])
+def test_load_state_dict_refuses_settings_that_would_diverge(key, saved, loading):
+    params = [torch.randn(6, dtype=torch.float64)]
+    source = ZOPrO(params, backend="torch", **{key: saved})
+    source.step(quadratic(params))
+    state = source.state_dict()
+    other = ZOPrO([params[0].clone()], backend="torch", **{key: loading})
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=f"{key}={saved!r}"):
+        other.load_state_dict(state)
+    assert other.global_step == 0 and other.state_dict()["zopro"] == before["zopro"]  # nothing loaded
+    ZOPrO([params[0].clone()], backend="torch", **{key: saved}).load_state_dict(state)  # the same settings load
+
+
 # ---- torch.optim conventions ----------------------------------------------------------------
 def test_param_groups_and_lr_scheduler(target):
     backend, device = target

@@ -51,6 +51,15 @@ def local_piece(p: torch.Tensor):
     return local, p.numel(), int(global_offset[0]) * row, True
 
 
+def layout_hash(params) -> int:
+    """A 52-bit hash of the parameters' full shapes, dtypes and order (exact in a float64), so
+    processes holding different models fail before the first pass rather than diverge."""
+    import hashlib
+
+    text = ";".join(f"{tuple(p.shape)}:{p.dtype}" for p in params)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little") >> 4
+
+
 def agreed_seed(seed, process_group):
     """``seed=None``: draw one on rank 0 and broadcast it; otherwise keep the given seed."""
     if seed is not None:
@@ -109,10 +118,11 @@ class Communicator:
                 "seed and start (or load the same checkpoint)."
             )
 
-    def agree_on_layout(self, seed: int, step: int, numel: int, count: int):
-        """Once, before the first pass: every process has the same seed, step and parameter layout."""
-        mine = torch.tensor([float(seed >> (63 - SEED_BITS_COMPARED)), float(step), float(numel), float(count)],
-                            dtype=torch.float64, device=self.device)
+    def agree_on_layout(self, seed: int, step: int, numel: int, count: int, layout: int = 0):
+        """Once, before the first pass: every process has the same seed, step and parameter layout
+        (``layout``: ``layout_hash`` of the parameters' full shapes, dtypes and order)."""
+        mine = torch.tensor([float(seed >> (63 - SEED_BITS_COMPARED)), float(step), float(numel), float(count),
+                             float(layout)], dtype=torch.float64, device=self.device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine, group=self.group)
         self.bytes_sent += mine.numel() * mine.element_size()

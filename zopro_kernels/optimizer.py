@@ -17,7 +17,7 @@ import torch
 from .alpha import AlphaSchedule, alpha_at, needs_iteration_length, validate_alpha
 from .backends import BACKENDS
 from .direction import DIRECTION_NORMS, GRANULARITIES
-from .distributed import Communicator, agreed_seed, default_process_group, local_piece
+from .distributed import Communicator, agreed_seed, default_process_group, layout_hash, local_piece
 from .engine import ZOEngine
 from .parameter_set import build_parameter_sets, describe, validate_parameter
 from .philox import check_seed
@@ -32,6 +32,8 @@ def dist_size(group) -> int:
 STATE_FORMAT = 1
 CONSISTENCY_CHECK_EVERY = 100  # steps between host-side checks that processes agree (no sync otherwise)
 _ARENAS = ("master", "policy_delta", "reward_delta", "snapshot")
+# Settings a state dict was saved under that the loading optimizer must share.
+_RESUME_SETTINGS = ("granularity", "master_weights", "direction_norm", "directions")
 
 
 class ZOPrO(torch.optim.Optimizer):
@@ -170,7 +172,8 @@ class ZOPrO(torch.optim.Optimizer):
             self._communicator = Communicator(group) if group is not None and dist_size(group) > 1 else None
             if self._communicator is not None:
                 self._communicator.agree_on_layout(self.seed, self.global_step,
-                                                   sum(n for _, n, _, _ in pieces), len(pieces))
+                                                   sum(n for _, n, _, _ in pieces), len(pieces),
+                                                   layout_hash([params[i] for i in trained]))
             sets = build_parameter_sets([piece[:3] for piece in pieces], [names[i] for i in trained],
                                         self.master_weights, self.guidance_dtype, positions=trained)
             self._engine = ZOEngine(
@@ -518,6 +521,10 @@ class ZOPrO(torch.optim.Optimizer):
         run = state_dict["zopro"]
         if run.get("format") != STATE_FORMAT:
             raise ValueError(f"unsupported ZOPrO state format {run.get('format')!r}")
+        for key in _RESUME_SETTINGS:  # a changed one would make the resumed run silently diverge
+            if key in run and run[key] != getattr(self, key):
+                raise ValueError(f"cannot load a ZOPrO state saved with {key}={run[key]!r} into an optimizer "
+                                 f"with {key}={getattr(self, key)!r}: create it with {key}={run[key]!r}")
         engine = self._ensure_engine()
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         state = state_dict.get("state", {})
