@@ -95,8 +95,9 @@ class Communicator:
             (
                 loss_plus.to(self.device, torch.float64),
                 loss_minus.to(self.device, torch.float64),
-                torch.tensor(float(seed >> (63 - SEED_BITS_COMPARED)), dtype=torch.float64, device=self.device),
-                torch.tensor(float(step), dtype=torch.float64, device=self.device),
+                # fills, not host-to-device copies: no blocking transfer per step
+                torch.full((), float(seed >> (63 - SEED_BITS_COMPARED)), dtype=torch.float64, device=self.device),
+                torch.full((), float(step), dtype=torch.float64, device=self.device),
             )
         )
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]

@@ -125,6 +125,7 @@ class ZOPrO(torch.optim.Optimizer):
         self._nonfinite_steps = 0  # folded in from the device-side count when read (no sync per step)
         self._nonfinite_device = None
         self._hyper_cache = None
+        self._hyper_rows = None  # per set: each tensor's param-group index, on the set's device
         self._marked = False  # mark_iteration has recorded a snapshot
         self._last_iteration_length = None  # steps of the last iteration closed by mark_iteration
         self._checked_step = None  # global step of the last cross-process agreement check
@@ -206,14 +207,26 @@ class ZOPrO(torch.optim.Optimizer):
         return trained
 
     def _hyperparameters(self):
-        """Per set: [T] float64 vectors of (lr, eps, weight_decay), rebuilt when a group changes."""
+        """Per set: [T] float64 vectors of (lr, eps, weight_decay), rebuilt when a group changes
+        (a scheduler: every step). Without a blocking transfer: the group values go into a fresh
+        (pinned, with CUDA) host table, copied non-blocking and gathered on the device by each
+        tensor's group index, which is made once."""
         key = tuple((float(g["lr"]), float(g["eps"]), float(g["weight_decay"])) for g in self.param_groups)
         if self._hyper_cache is None or self._hyper_cache[0] != key:
-            vectors = []
-            for s in self._engine.sets:
-                rows = [key[self._group_index[i]] for i in s.indices]
-                table = torch.tensor(rows, dtype=torch.float64, device=s.device)
-                vectors.append(table.unbind(dim=1))
+            sets = self._engine.sets
+            if self._hyper_rows is None:
+                self._hyper_rows = [torch.tensor([self._group_index[i] for i in s.indices], device=s.device)
+                                    for s in sets]
+            pinned = torch.cuda.is_available() and any(s.device.type == "cuda" for s in sets)
+            host = torch.empty((len(key), 3), dtype=torch.float64, pin_memory=pinned)
+            for group, values in enumerate(key):
+                for column, value in enumerate(values):
+                    host[group, column] = value
+            on_device, vectors = {}, []
+            for s, rows in zip(sets, self._hyper_rows):
+                if s.device not in on_device:
+                    on_device[s.device] = host.to(s.device, non_blocking=True)
+                vectors.append(on_device[s.device][rows].unbind(dim=1))
             self._hyper_cache = (key, vectors)
         return self._hyper_cache[1]
 
@@ -317,14 +330,14 @@ class ZOPrO(torch.optim.Optimizer):
             self._checked_step = self.global_step
         return loss_plus.to(engine.home), loss_minus.to(engine.home)
 
-    @staticmethod
-    def _loss_value(loss, where: str) -> torch.Tensor:
+    def _loss_value(self, loss, where: str) -> torch.Tensor:
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss; got shape {tuple(loss.shape)} at {where}")
             return loss.detach().reshape(()).to(torch.float64)
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            return torch.tensor(float(loss), dtype=torch.float64)
+            # made where the step's arithmetic runs: a fill, not a host-to-device copy per step
+            return torch.full((), float(loss), dtype=torch.float64, device=self._engine.home)
         raise TypeError(f"the closure must return a tensor or a float, got {type(loss).__name__} at {where}")
 
     @property
