@@ -124,8 +124,9 @@ def check_bf16_guidance(backend, device, shapes):
 
 
 def check_restored_after_cycles(params, opt, shapes, cycles):
-    """With Δπ and ΔR set, ``cycles`` steps whose loss is NaN (every update skipped) perturb the
-    weights each time and leave them bit-identical to the start."""
+    """With Δπ and ΔR set and lr = 0, ``cycles`` steps with finite losses (every update pass runs,
+    with a zero step) perturb the weights each time and leave them bit-identical to the start."""
+    assert all(group["lr"] == 0 for group in opt.param_groups), "the cycles test needs lr = 0"
     dpi, dr = guidance(shapes, "both", params[0].device)
     opt.set_guidance(policy_delta=dpi, reward_delta=dr)
     initial = [p.clone() for p in params]
@@ -133,11 +134,12 @@ def check_restored_after_cycles(params, opt, shapes, cycles):
 
     def closure():
         moved.append(any(not torch.equal(p, q) for p, q in zip(params, initial)))
-        return float("nan")
+        return sum((p.double() - 0.25).square().sum() for p in params)  # finite, differs at ±εz
 
     for _ in range(cycles):
         opt.step(closure)
-    assert all(moved)
+    assert all(moved) and opt.nonfinite_steps == 0
+    assert float(opt.last_step["projected_grad"]) != 0  # a real g, times lr = 0
     assert all(torch.equal(p, q) for p, q in zip(params, initial))
 
 
