@@ -497,9 +497,9 @@ def test_trains_a_small_network_in_a_plain_loop(target):
     assert loss().item() < (0.1 if backend == "torch" else 0.5) * start
 
 
-def _steps_to_target(guided: bool, seed: int) -> float:
-    """Steps to a quarter of the initial loss on the teacher-student regression of the example
-    python/guided_vs_unguided.py, whose informative Δπ points partly towards the optimum."""
+def _zo_iteration(guided: bool, seed: int):
+    """The example python/guided_vs_unguided.py: a shared first-order iteration 0, then 50 ZO steps
+    guided by the Δπ it made (formed by mark_iteration) or unguided, at equal forward passes."""
     import importlib.util
     from pathlib import Path
 
@@ -507,12 +507,12 @@ def _steps_to_target(guided: bool, seed: int) -> float:
     spec = importlib.util.spec_from_file_location("guided_vs_unguided", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    reached = example.steps_to_quarter_loss(guided, steps=400, seed=seed)
-    return math.inf if reached is None else reached
+    return example.zo_iteration_losses(guided, steps=50, seed=seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_guided_zopro_beats_unguided_spsa(seed):
-    guided, unguided = _steps_to_target(True, seed), _steps_to_target(False, seed)
-    assert guided < 100
-    assert guided * 4 < unguided
+    (start, guided), (start_unguided, unguided) = _zo_iteration(True, seed), _zo_iteration(False, seed)
+    assert start == start_unguided  # the same iteration-0 point
+    assert guided[-1] < 0.5 * start  # measured: 12.4 → 2.9 guided, → 11.4 unguided (cond 10)
+    assert guided[-1] < 0.5 * unguided[-1]
