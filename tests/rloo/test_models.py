@@ -156,7 +156,6 @@ def test_call_judge_checks_verdicts():
 def test_llm_pairwise_judge_compares_the_logits_of_0_and_1():
     model, tokenizer = make_base(seed=3)
     judge = LLMPairwiseJudge(model, tokenizer, order="fixed")  # one query, as shown (see test_judges for "both")
-    verdicts = []
     for a, b in [("good film", "bad film"), ("bad", "good"), ("the plot", "a scene"), ("fun", "dull")]:
         ids = judge.prompt_ids("the film is", a, b)
         assert ids.shape[1] > 50  # the template, not just the responses
@@ -166,8 +165,8 @@ def test_llm_pairwise_judge_compares_the_logits_of_0_and_1():
         margin = float(last[vocab["1"]] - last[vocab["0"]])
         expected = None if margin == 0 else int(margin > 0)
         assert judge("the film is", a, b) == expected
-        verdicts.append(expected)
-    assert call_judge(judge, "the film is", "good", "bad") in (0, 1, None)
+        assert call_judge(judge, "the film is", a, b) == expected  # the loop's checked call agrees
+        assert expected is not None  # a real margin: swapping "0" and "1" in the judge would fail here
 
 
 def test_nf4_base_on_cpu(tmp_path):
