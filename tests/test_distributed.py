@@ -90,6 +90,41 @@ def test_sharded_run_equals_single_process(tmp_path, world, granularity, backend
     assert any(not torch.equal(a, b) for a, b in zip(single, initial_values()[0]))  # it did train
 
 
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter",
+               "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "isend",
+               "broadcast_object_list", "all_gather_object")
+
+
+class CountedCollectives:
+    """Wraps every torch.distributed collective and counts the bytes of the tensors this process
+    hands to them: what crosses, measured beside the optimizer's own bookkeeping."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.calls = 0
+        self.originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def __enter__(self):
+        for name, original in self.originals.items():
+            setattr(dist, name, self._counted(name, original))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(dist, name, original)
+
+    def _counted(self, name, original):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            if name.endswith("_object") or name.endswith("_object_list"):
+                raise AssertionError(f"{name}: pickled objects cross in the step")
+            sent = args[1] if name.startswith("all_gather") else args[0]  # (outputs, input) for gathers
+            self.bytes += sent.numel() * sent.element_size()
+            return original(*args, **kwargs)
+
+        return counted
+
+
 def _data_parallel_worker(rank, world, store, out, sizes):
     _init(rank, world, store)
     results = {}
@@ -97,12 +132,14 @@ def _data_parallel_worker(rank, world, store, out, sizes):
         gen = torch.Generator().manual_seed(1)
         w = torch.randn(size, generator=gen)
         data = torch.randn(size, generator=torch.Generator().manual_seed(100 + rank))  # per-rank data
-        opt = ZOPrO([w], lr=1e-2, eps=1e-3, seed=2)
-        for _ in range(STEPS):
-            opt.step(lambda: ((w - data) ** 2).mean())
+        with CountedCollectives() as counted:
+            opt = ZOPrO([w], lr=1e-2, eps=1e-3, seed=2)
+            for _ in range(STEPS):
+                opt.step(lambda: ((w - data) ** 2).mean())
         gathered = [torch.empty_like(w) for _ in range(world)]
         dist.all_gather(gathered, w)
-        results[size] = {"weights": gathered, "bytes": opt.communicated_bytes}
+        results[size] = {"weights": gathered, "bytes": opt.communicated_bytes, "measured": counted.bytes,
+                         "calls": counted.calls}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -117,8 +154,12 @@ def test_data_parallel_ranks_stay_identical_and_send_o1_bytes(tmp_path, world):
     for size in sizes:
         weights = results[size]["weights"]
         assert all(torch.equal(weights[0], w) for w in weights[1:])
-    # Per step: J₊, J₋, seed and step as float64, whatever d is.
-    assert results[10]["bytes"] == results[100_000]["bytes"] == STEPS * 4 * 8 + 4 * 8
+    # Per step: J₊, J₋, seed and step as float64, whatever d is; once: seed, step, numel, count and
+    # the layout hash. Measured at the collectives, and the optimizer's own count agrees.
+    for size in sizes:
+        assert results[size]["measured"] == STEPS * 4 * 8 + 5 * 8
+        assert results[size]["bytes"] == results[size]["measured"]
+        assert results[size]["calls"] == STEPS + 1
 
     # The same run in one process, with the loss averaged over the ranks' data.
     w = torch.randn(10, generator=torch.Generator().manual_seed(1))
