@@ -17,7 +17,7 @@ Two reward modes: ``model`` (the published one: a LoRA reward model warmed up an
 judge's pairs, ΔR guiding ZOPrO) and ``functions`` (the judge's own score as the reward, no reward
 model and no ΔR: the optimizer's quality without the reward model's noise).
 
-The held-out score is the judge's (VADER's) mean over ``eval_samples`` samples of each held-out
+The held-out score is the judge's (VADER's) mean over ``num_generations_eval`` samples of each held-out
 prompt, drawn with the same seeds at every evaluation, so gains are paired sample by sample.
 Intervals are 95 % bootstrap intervals: per seed over prompts, and pooled over seeds by a
 two-level bootstrap (seeds, then prompts within a seed). Reported per method: held-out gain from
@@ -196,16 +196,19 @@ def start_config(base: dict, overrides: dict, seed: int, runs_dir, threads: int)
     """Iteration 0 only, first order, evaluated on both splits (the sweep reads the validation one)."""
     return base | overrides | {"optimizer": "zopro", "first_iteration": "adamw", "iterations": 1, "seed": seed,
                                "eval_split": "both", "output_dir": str(run_dir(runs_dir, "start", seed)),
-                               "threads": threads, "progress": False, "plot": False}
+                               "threads": threads, "progress": False, "plot": False, "save_adapters": False}
 
 
 def method_config(base: dict, settings: dict, method: str, seed: int, runs_dir, threads: int, zo_iterations: int,
                   eval_split: str = "held_out", name: str | None = None) -> dict:
-    return base | settings.get(method, {}) | {
+    from zopro_kernels.rloo.config import canonical_keys
+
+    # a settings file (or grid point) may use the keys' old names: they must override base's new ones
+    return base | canonical_keys(settings.get(method, {})) | {
         "optimizer": method, "seed": seed, "iterations": 1 + zo_iterations, "eval_split": eval_split,
         "start_from": str(run_dir(runs_dir, "start", seed)),
         "output_dir": str(run_dir(runs_dir, name or method, seed)), "threads": threads, "progress": False,
-        "plot": False}
+        "plot": False, "save_adapters": False}  # the comparison reads metrics only: no adapters on disk per run
 
 
 def finished(config: dict) -> bool:
@@ -289,11 +292,11 @@ def markdown(result: dict, checks: list[dict], env: dict, config: dict, settings
     seeds = sorted({s for m in result["methods"].values() for s in m["seeds"]})
     walls = [r["wall_seconds"] for r in runs if r]
     lines = [f"Held-out judge score (judge {config.get('judge')}, {config.get('eval_prompts')} prompts × "
-             f"{config.get('eval_samples')} samples, paired) on the {config.get('prompts')} task; policy "
+             f"{config.get('num_generations_eval')} samples, paired) on the {config.get('prompts')} task; policy "
              f"{config.get('model')}, LoRA r={config.get('lora_r')}; reward mode **{reward_mode}**; seeds {seeds}.",
              f"Each seed: a shared first-order iteration 0 (start run), then {result['step_budget']} − start "
              f"optimisation steps per method ({config.get('steps_per_iteration')} rollouts of "
-             f"{config.get('batch_prompts')} prompts × k={config.get('k')} per iteration, each reused "
+             f"{config.get('batch_prompts')} prompts × k={config.get('num_generations')} per iteration, each reused "
              f"num_iterations times). Settings per method (from the validation split): `{json.dumps(settings)}`.",
              "", environment_line(env), ""]
     if walls:

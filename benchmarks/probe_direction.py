@@ -52,7 +52,7 @@ def main(argv=None):
     from zopro_kernels.rloo.checkpoint import load_checkpoint
     from zopro_kernels.rloo.cli import build_judge, build_pair
     from zopro_kernels.rloo.assets import resolve_prompts
-    from zopro_kernels.rloo.config import TrainConfig
+    from zopro_kernels.rloo.config import TrainConfig, canonical_keys
     from zopro_kernels.rloo.loop import RLOOTrainer, derived_seed
     from zopro_kernels.rloo.objective import policy_loss, score_rollout
 
@@ -60,7 +60,7 @@ def main(argv=None):
     overrides = {"output_dir": str(Path(args.out) / ".probe"), "start_from": None, "progress": False}
     if args.beta is not None:
         overrides["beta"] = args.beta
-    config = TrainConfig.from_dict(state["config"] | overrides)
+    config = TrainConfig.from_dict(canonical_keys(state["config"], warn=False) | overrides)  # old checkpoints too
     if args.threads:
         torch.set_num_threads(args.threads)
     pair = build_pair(config)
@@ -75,7 +75,7 @@ def main(argv=None):
     for batch in range(args.batches):
         prompts = [trainer.prompts[(start + batch * config.batch_prompts + j) % len(trainer.prompts)]
                    for j in range(config.batch_prompts)]
-        rollout = trainer.sample(prompts, k=config.k, seed=derived_seed(config.seed, 1000 + batch, 0, 1))
+        rollout = trainer.sample(prompts, k=config.num_generations, seed=derived_seed(config.seed, 1000 + batch, 0, 1))
         scored = score_rollout(pair, rollout, beta=config.beta, chunk_size=config.logprob_chunk,
                                reward_model=config.reward_model, reward_funcs=trainer.reward_funcs,
                                sampling=trainer.sampling)
@@ -98,7 +98,7 @@ def main(argv=None):
     env = environment(pair.device, command_argv(__file__, argv))
     lines = [f"Directional derivative g of J (β = {config.beta:g}; per unit z, ‖z‖ = √d, ε = {args.eps:g}) on "
              f"{args.batches} fresh "
-             f"rollouts of {config.batch_prompts} prompts × k={config.k}, from `{args.run}` "
+             f"rollouts of {config.batch_prompts} prompts × k={config.num_generations}, from `{args.run}` "
              f"(‖Δπ‖ = {math.sqrt(sum(float(v.double().square().sum()) for v in policy_delta.values())):.2f}).", "",
              environment_line(env), "", "| direction | mean g [95 % t-interval] | share with g < 0 (continue) | per batch |",
              "|---|---|---|---|"]

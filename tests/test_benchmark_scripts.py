@@ -367,8 +367,9 @@ def test_reward_markdown_reports_every_method_and_interval():
     result = bench_reward.aggregate(_synthetic_runs(), {0: 4, 1: 4})
     checks = bench_reward.target_checks(result)
     env = results_io.environment("cpu", ["benchmarks/bench_reward.py"])
-    config = {"judge": "vader", "eval_prompts": 64, "eval_samples": 4, "prompts": "rotten-tomatoes-negative",
-              "model": "smollm2-135m-instruct", "lora_r": 16, "steps_per_iteration": 3, "batch_prompts": 8, "k": 4}
+    config = {"judge": "vader", "eval_prompts": 64, "num_generations_eval": 4,
+              "prompts": "rotten-tomatoes-negative", "model": "smollm2-135m-instruct", "lora_r": 16,
+              "steps_per_iteration": 3, "batch_prompts": 8, "num_generations": 4}
     table = bench_reward.markdown(result, checks, env, config, {"zopro": {"lr": 1e-6}}, "functions",
                                   [{"wall_seconds": 60.0}, {"wall_seconds": 120.0}])
     lines = table.splitlines()
@@ -458,9 +459,9 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     config = {"model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts.jsonl"), "judge": "vader",
-              "k": 2, "max_new_tokens": 3, "max_prompt_tokens": 8, "max_length": 32, "batch_prompts": 2,
+              "num_generations": 2, "max_completion_length": 3, "max_prompt_tokens": 8, "max_length": 32, "batch_prompts": 2,
               "steps_per_iteration": 1, "num_iterations": 2, "prompt_fraction": 0.25, "lora_r": 4, "lora_alpha": 8,
-              "reward_epochs": 1, "eval_prompts": 4, "validation_prompts": 4, "eval_samples": 2,
+              "reward_epochs": 1, "eval_prompts": 4, "validation_prompts": 4, "num_generations_eval": 2,
               "reward_warmup": False, "threads": 1, "adamw_lr": 0.05, "lr": 0.01, "spsa_lr": 0.01, "eps": 0.01}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     bench_reward, sweep = _bench("bench_reward"), _bench("sweep")

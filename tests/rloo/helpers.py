@@ -60,8 +60,9 @@ def word_count_judge():
 def tiny_config(output_dir, **overrides):
     from zopro_kernels.rloo.config import TrainConfig
 
-    values = dict(model="unused", prompts="unused", output_dir=str(output_dir), k=2, max_new_tokens=5,
-                  max_prompt_tokens=8, max_length=32, iterations=2, batch_prompts=2, steps_per_iteration=2,
+    values = dict(model="unused", prompts="unused", output_dir=str(output_dir), num_generations=2,
+                  max_completion_length=5, max_prompt_tokens=8, max_length=32, iterations=2, batch_prompts=2,
+                  steps_per_iteration=2,
                   prompt_fraction=0.5, lora_r=4, lora_alpha=8, eval_prompts=2, progress=False, plot=False,
                   reward_epochs=1, reward_batch_size=4, lr=1e-2, spsa_lr=1e-4, eps=1e-3, adamw_lr=1e-2,
                   reward_lr=1e-2, logprob_chunk=3)

@@ -24,8 +24,8 @@ def write_tiny_task(tmp_path):
         for prompt in PROMPTS:
             handle.write(json.dumps({"prompt": prompt}) + "\n")
     config = {"model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts.jsonl"),
-              "judge": f"llm:{tmp_path / 'model'}", "output_dir": str(tmp_path / "run"), "k": 2,
-              "max_new_tokens": 4, "max_prompt_tokens": 8, "max_length": 32, "iterations": 1,
+              "judge": f"llm:{tmp_path / 'model'}", "output_dir": str(tmp_path / "run"), "num_generations": 2,
+              "max_completion_length": 4, "max_prompt_tokens": 8, "max_length": 32, "iterations": 1,
               "batch_prompts": 2, "steps_per_iteration": 1, "prompt_fraction": 0.25, "lora_r": 4,
               "lora_alpha": 8, "progress": False, "reward_epochs": 1, "threads": 1}
     import yaml
@@ -98,7 +98,7 @@ def test_real_sentiment_task_runs_a_few_steps(tmp_path):
     config = TrainConfig.from_yaml(os.path.join(REPO, "examples", "sentiment.yaml"))
     config = TrainConfig.from_dict(config.to_dict() | {
         "output_dir": str(tmp_path), "iterations": 2, "steps_per_iteration": 1, "max_prompts": 20,
-        "eval_prompts": 2, "max_new_tokens": 12, "reward_epochs": 1, "progress": False})
+        "eval_prompts": 2, "max_completion_length": 12, "reward_epochs": 1, "progress": False})
     trainer = train(config)
     prompts = assets.negative_review_openings(config.cache_dir, config.prompt_words)
     assert len(prompts) > 1000 and all(len(p.split()) == 8 for p in prompts[:50])

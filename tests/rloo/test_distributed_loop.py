@@ -87,8 +87,10 @@ def test_data_parallel_loop_keeps_processes_identical_and_reduces_metrics(tmp_pa
     # pairs: every process judged its share of the iteration's prompts (18 training prompts × 0.5 → 5 + 4)
     assert [r["pairs"] for r in iterations] == [9, 9]
     assert (tmp_path / "run" / "checkpoint.pt").exists()
-    # the ZO steps sent 32 bytes each (J₊, J₋, seed, step), plus one 32-byte layout check
-    assert results[0]["zo_bytes"] == 2 * 32 + 32
+    assert sorted(os.listdir(tmp_path / "run" / "adapters")) == ["final", "iteration-0", "iteration-1"]  # rank 0
+    # the ZO steps sent 32 bytes each (J₊, J₋, seed, step), plus one 40-byte layout check (seed, step,
+    # numel, count, shape/dtype hash)
+    assert results[0]["zo_bytes"] == 2 * 32 + 40
 
 
 def _refine_worker(rank, world, store, out, counts):

@@ -31,12 +31,12 @@ def test_one_rollout_serves_num_iterations_steps(tmp_path, monkeypatch):
     original = loop_module.sample_completions
     monkeypatch.setattr(loop_module, "sample_completions",
                         lambda *a, **kw: calls.append(kw["k"]) or original(*a, **kw))
-    trainer = run(tmp_path, num_iterations=3, iterations=1, reward_warmup=False, eval_prompts=0, k=3)
+    trainer = run(tmp_path, num_iterations=3, iterations=1, reward_warmup=False, eval_prompts=0, num_generations=3)
     steps = [m for m in metrics(tmp_path) if "step" in m]
     rollouts = trainer.steps
     assert len(steps) == 3 * rollouts and [m["reuse"] for m in steps] == [0, 1, 2] * rollouts
     # generation: one rollout per 3 steps (k completions), plus the refinement's pairs (k = 2)
-    assert calls.count(trainer.config.k) == rollouts
+    assert calls.count(trainer.config.num_generations) == rollouts
     assert trainer.zo is None or trainer.zo.steps_per_iteration == 3 * rollouts
 
 
@@ -116,7 +116,7 @@ def test_reward_funcs_by_name_and_bad_names():
 
 
 def test_evaluation_splits_are_disjoint_and_paired(tmp_path):
-    config = tiny_config(tmp_path, eval_prompts=3, validation_prompts=3, eval_samples=2, eval_split="both",
+    config = tiny_config(tmp_path, eval_prompts=3, validation_prompts=3, num_generations_eval=2, eval_split="both",
                          iterations=1, steps_per_iteration=1, reward_warmup=False)
     trainer = loop_module.RLOOTrainer(config, make_pair(), PROMPTS, word_count_judge())
     train_set, held, val = set(trainer.prompts), set(trainer.eval_prompts), set(trainer.validation_prompts)

@@ -64,6 +64,8 @@ def train(config: TrainConfig, *, resume: bool = False, recorder=None, pair=None
         return trainer
     print(summary_table(history))
     print(f"[zopro-train] counters: {trainer.counters}")
+    if config.save_adapters:
+        print(f"[zopro-train] adapters (peft): {os.path.join(config.output_dir, 'adapters', 'final')}")
     if config.plot:
         png = plot_reward_curve(trainer.metrics_path, os.path.join(config.output_dir, "reward_curve.png"))
         if png:
@@ -72,7 +74,11 @@ def train(config: TrainConfig, *, resume: bool = False, recorder=None, pair=None
 
 
 def parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` pairs (values read as YAML), with old key names mapped to TRL's (a
+    FutureWarning), so that they override the same key of a config's ``to_dict()``."""
     import yaml
+
+    from .config import canonical_keys
 
     values = {}
     for item in pairs:
@@ -80,7 +86,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         if not sep:
             raise SystemExit(f"--set needs key=value, got {item!r}")
         values[key.strip()] = yaml.safe_load(raw)
-    return values
+    return canonical_keys(values)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,16 @@
-"""The loop's settings: one dataclass, loadable from YAML (unknown keys are an error)."""
+"""The loop's settings: one dataclass, loadable from YAML (unknown keys are an error).
+
+Where a setting is one of TRL's ``RLOOConfig`` (or its parent ``transformers.TrainingArguments``)
+it has TRL's name; the few older names (``RENAMED``) are still read, with a FutureWarning, from
+YAML, ``from_dict`` and the configs stored in checkpoints. Every key is described in
+docs/config.md (generated from ``configdoc.py``, checked by a test).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import warnings
 from dataclasses import dataclass
 
 from ..direction import DIRECTION_NORMS
@@ -11,6 +19,39 @@ from .judges import LLMPairwiseJudge
 OPTIMIZERS = ("zopro", "mezo", "adamw")
 FIRST_ITERATIONS = ("adamw", "spsa")
 EVAL_SPLITS = ("held_out", "validation", "both")
+REPORT_TO = ("tensorboard",)  # report_to integrations ("none": none, "all": the installed ones)
+
+# old key → TRL's name (RLOOConfig); the old names are read with a FutureWarning
+RENAMED = {"k": "num_generations", "max_new_tokens": "max_completion_length",
+           "eval_samples": "num_generations_eval"}
+# TRL names that are deliberately not ours: the unknown-key error says which key to use
+TRL_ONLY = {"epsilon": "clip (the PPO clip; `eps` is the zeroth-order perturbation)",
+            "learning_rate": "adamw_lr (first-order steps) or lr (guided zeroth-order steps)",
+            "max_prompt_length": "max_prompt_tokens (prompts over it are skipped, not truncated)",
+            "disable_tqdm": "progress (inverted)"}
+
+
+def canonical_keys(values: dict, *, warn: bool = True) -> dict:
+    """``values`` with the old key names (``RENAMED``) replaced by TRL's; a key given under both
+    names is an error. One FutureWarning names the new keys (``warn=False`` for the config stored
+    in an older checkpoint: nothing the user can change)."""
+    values = dict(values)
+    both = [(old, new) for old, new in RENAMED.items() if old in values and new in values]
+    if both:
+        raise ValueError("config key(s) given under both the old and the new name: "
+                         + ", ".join(f"{old!r} and {new!r}" for old, new in both) + f"; keep only {both[0][1]!r}")
+    renamed = [(old, new) for old, new in RENAMED.items() if old in values]
+    for old, new in renamed:
+        values[new] = values.pop(old)
+    if renamed and warn:
+        warnings.warn("config key(s) renamed to TRL's names: "
+                      + ", ".join(f"{old!r} is now {new!r}" for old, new in renamed)
+                      + "; the old names will stop working in a later release", FutureWarning, stacklevel=3)
+    return values
+
+
+def tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 @dataclass
@@ -37,16 +78,16 @@ class TrainConfig:
     shared_lora_init: bool = True          # reward adapter starts from the policy's LoRA A: ΔR and Δπ share a basis
 
     # sampling and objective
-    k: int = 4                             # completions per prompt (RLOO)
-    max_new_tokens: int = 53
-    max_prompt_tokens: int = 64
+    num_generations: int = 4               # completions per prompt (RLOO's k; TRL's name, formerly k)
+    max_completion_length: int = 53        # new tokens per completion (formerly max_new_tokens)
+    max_prompt_tokens: int = 64            # prompts longer than this are skipped (counted), not truncated
     max_length: int = 1024
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     beta: float = 0.05                     # KL coefficient
     objective: str = "ppo"                 # "ppo" (clipped sequence ratio) or "reinforce"
-    clip: float = 0.2
+    clip: float = 0.2                      # PPO clip (TRL's epsilon; not renamed: eps is the ZO perturbation)
     logprob_chunk: int = 64                # sequence positions per vocabulary projection
     num_iterations: int = 1                # optimisation steps per sampled batch (TRL's name); π_old fixed at sampling
 
@@ -88,14 +129,19 @@ class TrainConfig:
     seed: int = 0
     eval_prompts: int = 64                 # held-out prompts scored before and after each iteration
     validation_prompts: int = 0            # a second held-out split, for choosing settings (the sweep)
-    eval_samples: int = 4                  # samples per evaluation prompt (same sampling seeds every time: paired)
+    num_generations_eval: int | None = 4   # samples per evaluation prompt (same sampling seeds every time:
+                                           # paired); None: num_generations (formerly eval_samples)
     eval_split: str = "held_out"           # which split evaluations score: "held_out", "validation" or "both"
     start_from: str | None = None          # a checkpoint (file or run directory) to continue from with this
                                            # config's optimizer, e.g. a shared first-order iteration 0
     snapshot_every: int | None = None      # recorder snapshots of the policy every N steps
     threads: int | None = None             # torch intra-op threads (1 is fastest on a small, shared CPU)
-    progress: bool = True
+    progress: bool = True                  # one progress bar over the whole run (ETA), rank 0
     plot: bool = True
+    save_adapters: bool = True             # peft adapters in output_dir/adapters/{iteration-i,final}/{policy,reward}
+    report_to: list[str] = dataclasses.field(default_factory=list)  # "tensorboard"; "none" ([]), "all"; a str too
+    logging_dir: str | None = None         # TensorBoard's directory (default: $TENSORBOARD_LOGGING_DIR,
+                                           # else output_dir/runs)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -106,11 +152,11 @@ class TrainConfig:
             raise ValueError(f"objective {self.objective!r} is not 'ppo' or 'reinforce'")
         if not 0 < self.prompt_fraction <= 1:
             raise ValueError(f"prompt_fraction must be in (0, 1], got {self.prompt_fraction}")
-        if self.k < 2:
-            raise ValueError(f"k must be ≥ 2 for leave-one-out advantages, got {self.k}")
-        if self.max_prompt_tokens + self.max_new_tokens > self.max_length:
-            raise ValueError(f"max_prompt_tokens + max_new_tokens = {self.max_prompt_tokens + self.max_new_tokens}"
-                             f" is over max_length {self.max_length}")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be ≥ 2 for leave-one-out advantages, got {self.num_generations}")
+        if self.max_prompt_tokens + self.max_completion_length > self.max_length:
+            total = self.max_prompt_tokens + self.max_completion_length
+            raise ValueError(f"max_prompt_tokens + max_completion_length = {total} is over max_length {self.max_length}")
         if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"eval_split {self.eval_split!r} is not one of {EVAL_SPLITS}")
         if self.direction_norm not in DIRECTION_NORMS:
@@ -126,16 +172,38 @@ class TrainConfig:
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
         for name in ("iterations", "batch_prompts", "reward_epochs", "reward_batch_size", "logprob_chunk",
-                     "num_iterations", "directions", "eval_samples"):
-            if getattr(self, name) < 1:
+                     "num_iterations", "directions", "num_generations_eval"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        self.report_to = self._report_to(self.report_to)
+
+    @staticmethod
+    def _report_to(value) -> list[str]:
+        """TrainingArguments' forms: None/"none"/[] (nothing), "all" (what is installed), a name or a list."""
+        if value is None or value == "none" or value == ["none"]:
+            return []
+        if value == "all" or value == ["all"]:
+            return ["tensorboard"] if tensorboard_available() else []
+        names = [value] if isinstance(value, str) else list(value)
+        unknown = [n for n in names if n not in REPORT_TO]
+        if unknown:
+            raise ValueError(f"report_to {unknown} not supported; supported: 'none', 'all', {list(REPORT_TO)}")
+        return list(dict.fromkeys(names))
+
+    @property
+    def eval_generations(self) -> int:
+        """Samples per evaluation prompt: ``num_generations_eval``, or ``num_generations`` when None."""
+        return self.num_generations if self.num_generations_eval is None else self.num_generations_eval
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict, *, warn: bool = True) -> "TrainConfig":
+        """From a mapping of keys (old names accepted, see ``canonical_keys``); unknown keys are an error."""
+        values = canonical_keys(values, warn=warn)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+            hints = "".join(f"; TRL's {key!r} is {TRL_ONLY[key]} here" for key in unknown if key in TRL_ONLY)
+            raise ValueError(f"unknown config key(s) {unknown}{hints}; known keys: {sorted(known)}")
         return cls(**values)
 
     @classmethod

@@ -17,6 +17,12 @@ refinement and no ΔR.
 Under ``torchrun`` the loop is data parallel (``parallel.py``): each process samples, scores and
 judges its share of the prompts; losses, gradients and metrics are reduced, so the weights stay
 identical on every process; rank 0 alone writes metrics, checkpoints and recorder snapshots.
+
+Outputs besides metrics.jsonl and the checkpoint (rank 0): the adapters in peft's format after
+every iteration and at the end (``save_adapters``: ``adapters/iteration-{i}/{policy,reward}``,
+``adapters/final/{policy,reward}``, each written to a temporary directory, then renamed), the
+metrics as TensorBoard scalars (``report_to: [tensorboard]``, ``tracking.py``), and one progress
+bar over every optimisation step of the run.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ import time
 import torch
 
 from ..optimizer import ZOPrO
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import atomic_directory, load_checkpoint, save_checkpoint
+from .config import TrainConfig, canonical_keys
 from .judges import JudgeError, call_judge
 from .logprobs import SamplingDistribution
 from .objective import mean_finite, policy_loss, score_rollout
@@ -41,6 +47,7 @@ from .sampling import sample_completions
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+ADAPTERS = "adapters"
 
 
 def derived_seed(seed: int, iteration: int, step: int, purpose: int, rank: int = 0) -> int:
@@ -135,6 +142,12 @@ class RLOOTrainer:
                          "nonfinite_reward_pairs": 0,
                          "skipped_steps": 0, "skipped_long_prompts": self.skipped_long_prompts}
         self.history: list[dict] = []
+        self.tensorboard = None  # opened by run() (report_to: tensorboard), rank 0
+        self.postfix: dict = {}  # the progress bar's: iteration, mode, J, train score, held-out score
+        if "tensorboard" in config.report_to and self.parallel.is_main:
+            from .tracking import summary_writer_class
+
+            summary_writer_class()  # a missing tensorboard is an error now, not after the first iteration
         os.makedirs(config.output_dir, exist_ok=True)
         self.metrics_path = os.path.join(config.output_dir, METRICS)
         self.checkpoint_path = os.path.join(config.output_dir, CHECKPOINT)
@@ -146,7 +159,8 @@ class RLOOTrainer:
         if not parallel.active:
             return
         config = self.config.to_dict()
-        config.pop("output_dir")  # may differ per process (each may keep its own copy)
+        for key in ("output_dir", "logging_dir"):  # may differ per process (each may keep its own copy)
+            config.pop(key)
         parallel.check_same("config", text_fingerprint(config))
         parallel.check_same("prompt list", text_fingerprint(prompts))
         base = [p for name, p in self.pair.model.named_parameters() if ".lora_" not in name]
@@ -206,6 +220,8 @@ class RLOOTrainer:
             return
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.log(record)
 
     def _truncate_metrics(self, last_iteration: int):
         """After a resume, drop records of the iteration the kill interrupted (it reruns)."""
@@ -232,7 +248,7 @@ class RLOOTrainer:
         if not prompts:
             return None
         with self.pair.adapter(self.pair.policy_adapter):
-            return sample_completions(self.pair, prompts, k=k, max_new_tokens=c.max_new_tokens,
+            return sample_completions(self.pair, prompts, k=k, max_new_tokens=c.max_completion_length,
                                       max_prompt_tokens=c.max_prompt_tokens, temperature=self.sampling.temperature,
                                       top_k=self.sampling.top_k, top_p=self.sampling.top_p, seed=seed)
 
@@ -261,7 +277,7 @@ class RLOOTrainer:
         ``num_iterations`` optimisation steps on it; one record per optimisation step."""
         c, parallel = self.config, self.parallel
         started = time.perf_counter()
-        rollout = self.sample(parallel.shard(prompts), k=c.k,
+        rollout = self.sample(parallel.shard(prompts), k=c.num_generations,
                               seed=derived_seed(c.seed, iteration, rollout_index, 1, parallel.rank))
         batch = score_rollout(self.pair, rollout, beta=c.beta, chunk_size=c.logprob_chunk,
                               reward_model=c.reward_model, reward_funcs=self.reward_funcs, sampling=self.sampling)
@@ -381,10 +397,10 @@ class RLOOTrainer:
                        "pair_accuracy_after": pair_accuracy(self.pair, pairs, parallel=self.parallel)}
 
     def evaluate(self, iteration: int) -> float:
-        """Mean judge score on the evaluation split(s) (``eval_split``), ``eval_samples`` per prompt,
+        """Mean judge score on the evaluation split(s) (``eval_split``), ``num_generations_eval`` per prompt,
         with the same sampling seed every time, so evaluations are paired sample by sample.
 
-        Logged with each completion's score (``scores``: prompt-major, ``eval_samples`` per prompt),
+        Logged with each completion's score (``scores``: prompt-major, ``num_generations_eval`` per prompt),
         the training time so far (``train_seconds``, evaluations excluded) and the step. Returns the
         held-out score (the validation score when only that split is evaluated).
         """
@@ -398,16 +414,18 @@ class RLOOTrainer:
             if not prompts:
                 continue
             mine = self.parallel.shard(prompts)
-            rollout = self.sample(mine, k=self.config.eval_samples,
+            rollout = self.sample(mine, k=self.config.eval_generations,
                                   seed=derived_seed(self.config.seed, 0, 0, 9 if split == "held_out" else 10,
                                                     self.parallel.rank))
             scores = self.parallel.gather_floats(self.judge_scores(rollout))
             split_value = mean_finite(torch.tensor(scores, dtype=torch.float64))
             self.log({"event": "eval", "split": split, "iteration": iteration, "task_score": split_value,
                       "train_seconds": self.train_seconds, "global_step": self.global_step,
-                      "samples_per_prompt": self.config.eval_samples, "scores": scores})
+                      "samples_per_prompt": self.config.eval_generations, "scores": scores})
             if split == splits[0]:
                 value = split_value
+        if not math.isnan(value):  # the progress bar shows the latest
+            self.postfix["validation" if splits == ["validation"] else "held_out"] = f"{value:.3f}"
         return value
 
     # -- the loop ----------------------------------------------------------------------------
@@ -430,7 +448,7 @@ class RLOOTrainer:
             warmup_prompts = (prompts if c.reward_warmup_prompts is None else
                               [self.prompts[i % len(self.prompts)] for i in range(c.reward_warmup_prompts)])
             warmup = self.refine(iteration, warmup_prompts, purpose=3)
-            self.log({"event": "reward_warmup", "iteration": iteration} | warmup)
+            self.log({"event": "reward_warmup", "iteration": iteration, "global_step": self.global_step} | warmup)
         if iteration == 0 and c.optimizer == "zopro":
             self.zo.mark_iteration()  # θ_0: Δπ_0 is formed at the end of this iteration
         policy_at_start = self.pair.policy_tensors()
@@ -444,8 +462,10 @@ class RLOOTrainer:
             rewards.append(records[0].get("task_score", math.nan))
             if c.snapshot_every and self.global_step % c.snapshot_every < len(records) and step < self.steps - 1:
                 self.record("policy", iteration)  # (the last step is recorded with the iteration's end)
-            progress.set_postfix(it=iteration, mode=mode, J=f"{records[-1].get('J', math.nan):.4g}",
-                                 score=f"{records[0].get('task_score', math.nan):.3f}")
+            evaluations = {k: v for k, v in self.postfix.items() if k in ("held_out", "validation")}
+            self.postfix = {"it": iteration, "mode": mode, "J": f"{records[-1].get('J', math.nan):.4g}",
+                            "score": f"{records[0].get('task_score', math.nan):.3f}"} | evaluations
+            progress.set_postfix(self.postfix, refresh=False)
             progress.update(len(records))
             if self.out_of_time(started):
                 stopped = step < self.steps - 1 or iteration < c.iterations - 1
@@ -460,12 +480,13 @@ class RLOOTrainer:
             self.record("reward", iteration)
         self.train_seconds += time.perf_counter() - started
         summary = {"event": "iteration", "iteration": iteration, "mode": mode, "steps": steps_done,
-                   "train_seconds": self.train_seconds,
+                   "global_step": self.global_step, "train_seconds": self.train_seconds,
                    "mean_task_score": mean_finite(torch.tensor(rewards, dtype=torch.float64))} | refinement
         if stopped:
             summary["stopped"] = "time_budget"
         summary["eval_task_score"] = self.evaluate(iteration)
         self.log(summary)
+        progress.set_postfix(self.postfix)  # with the new held-out score
         return summary
 
     def close_iteration(self, iteration: int, mode: str, prompts: list[str], policy_at_start) -> dict:
@@ -535,9 +556,10 @@ class RLOOTrainer:
             raise RuntimeError(str(state))
         if state is None:
             return False
+        stored = canonical_keys(state["config"], warn=False)  # a checkpoint from before the renames too
         for key in ("model", "seed", "optimizer", "lora_r", "lora_targets"):
-            if state["config"].get(key) != getattr(self.config, key):
-                raise ValueError(f"cannot resume: checkpoint has {key}={state['config'].get(key)!r}, "
+            if stored.get(key) != getattr(self.config, key):
+                raise ValueError(f"cannot resume: checkpoint has {key}={stored.get(key)!r}, "
                                  f"config has {getattr(self.config, key)!r}")
         self.restore(state)
         self._truncate_metrics(self.next_iteration - 1)
@@ -554,10 +576,11 @@ class RLOOTrainer:
         state = self.parallel.broadcast_object(load_checkpoint(path) if self.parallel.is_main else None)
         if state is None:
             raise FileNotFoundError(f"start_from: no checkpoint at {path!r}")
-        for key in ("model", "prompts", "seed", "lora_r", "lora_alpha", "lora_targets", "k", "prompt_fraction",
-                    "eval_prompts", "validation_prompts", "reward_model"):
-            if state["config"].get(key) != getattr(c, key):
-                raise ValueError(f"cannot start from {path}: it has {key}={state['config'].get(key)!r}, "
+        stored = canonical_keys(state["config"], warn=False)  # a checkpoint from before the renames too
+        for key in ("model", "prompts", "seed", "lora_r", "lora_alpha", "lora_targets", "num_generations",
+                    "prompt_fraction", "eval_prompts", "validation_prompts", "reward_model"):
+            if stored.get(key) != getattr(c, key):
+                raise ValueError(f"cannot start from {path}: it has {key}={stored.get(key)!r}, "
                                  f"this config has {getattr(c, key)!r}")
         zo_state, adamw_state = state["zo"], state["adamw"]
         state = dict(state, zo=None, adamw=None)
@@ -580,6 +603,29 @@ class RLOOTrainer:
                 out.writelines(handle)
         self.say(f"started from {path} at iteration {self.next_iteration}")
 
+    def export_adapters(self, name: str):
+        """Both adapters in peft's format into ``output_dir/adapters/<name>/{policy,reward}`` (rank 0,
+        ``save_adapters``): written into a temporary directory, then renamed, so a kill never
+        leaves a half-written one."""
+        if not (self.config.save_adapters and self.parallel.is_main):
+            return
+        with atomic_directory(os.path.join(self.config.output_dir, ADAPTERS, name)) as directory:
+            self.pair.save_pretrained(directory)
+
+    def open_tensorboard(self):
+        """report_to: tensorboard (rank 0): the log directory rewritten from metrics.jsonl as it now
+        stands (after a resume's truncation or start_from's copy); later records are added by ``log``."""
+        if "tensorboard" not in self.config.report_to or not self.parallel.is_main:
+            return
+        from .tracking import TensorBoardLog, log_dir
+
+        self.tensorboard = TensorBoardLog.from_metrics(log_dir(self.config), self.metrics_path)
+
+    def close_tensorboard(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
     def run(self, *, resume: bool = False) -> list[dict]:
         from tqdm.auto import tqdm
 
@@ -590,21 +636,37 @@ class RLOOTrainer:
             self.start_from(c.start_from)
         elif self.parallel.is_main and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run: no stale records
-        if self.next_iteration == 0:
-            self.record("policy", -1)
-            self.record("reward", -1)
-            self.history = [{"event": "eval", "iteration": -1, "task_score": self.evaluate(-1),
-                             "train_seconds": 0.0, "global_step": 0}]
-        total = c.iterations * self.optimizer_steps
-        with tqdm(total=total, initial=self.next_iteration * self.optimizer_steps,
-                  disable=not (c.progress and self.parallel.is_main), desc="zopro-train") as progress:
-            for iteration in range(self.next_iteration, c.iterations):
-                summary = self.run_iteration(iteration, progress)
-                self.history.append(summary)
-                # a run stopped by its time budget is over: a resume has nothing left to do
-                self.next_iteration = c.iterations if summary.get("stopped") else iteration + 1
-                if self.parallel.is_main:
-                    save_checkpoint(self.state(), self.checkpoint_path)
-                if summary.get("stopped"):
-                    break
+        self.open_tensorboard()
+        try:
+            if self.next_iteration == 0:
+                self.record("policy", -1)
+                self.record("reward", -1)
+                self.history = [{"event": "eval", "iteration": -1, "task_score": self.evaluate(-1),
+                                 "train_seconds": 0.0, "global_step": 0}]
+            # one bar over every optimisation step of the run: its ETA is the run's
+            total = c.iterations * self.optimizer_steps
+            with tqdm(total=total, initial=min(total, self.next_iteration * self.optimizer_steps), unit="step",
+                      disable=not (c.progress and self.parallel.is_main), desc="zopro-train",
+                      dynamic_ncols=True) as progress:
+                if self.next_iteration > 0:  # resumed (or started from a run): its last held-out score
+                    scores = [e.get("eval_task_score", e.get("task_score")) for e in self.history]
+                    scores = [v for v in scores if isinstance(v, float) and not math.isnan(v)]
+                    self.postfix = {"held_out": f"{scores[-1]:.3f}"} if scores else {}
+                progress.set_postfix(self.postfix)
+                for iteration in range(self.next_iteration, c.iterations):
+                    summary = self.run_iteration(iteration, progress)
+                    self.history.append(summary)
+                    # a run stopped by its time budget is over: a resume has nothing left to do
+                    self.next_iteration = c.iterations if summary.get("stopped") else iteration + 1
+                    # adapters before the checkpoint: a kill in between reruns the iteration, which rewrites them
+                    self.export_adapters(f"iteration-{iteration}")
+                    if self.parallel.is_main:
+                        save_checkpoint(self.state(), self.checkpoint_path)
+                    if self.tensorboard is not None:
+                        self.tensorboard.flush()
+                    if summary.get("stopped"):
+                        break
+            self.export_adapters("final")
+        finally:
+            self.close_tensorboard()
         return self.history

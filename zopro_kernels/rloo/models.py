@@ -1,5 +1,11 @@
 """One base model in memory with two peft LoRA adapters ("policy", "reward") and a value head.
 
+``save_pretrained`` writes both adapters in peft's own format, each loadable on a fresh copy of
+the base with ``PeftModel.from_pretrained(base, directory)``. The value head is not a peft module
+(the reward adapter's LoRA tensors feed it, it is trained beside them): it is saved next to the
+reward adapter as ``value_head.safetensors`` (``linear.weight``, ``linear.bias``; load it with
+``ValueHead.from_pretrained``).
+
 The reference policy is the base with adapters disabled: no second copy of the base exists.
 Parameter names are keyed by *slot* — the adapted module and the LoRA matrix with the adapter
 name removed (``model.layers.0.self_attn.q_proj.lora_A``) — so a policy tensor and the reward
@@ -10,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 
+VALUE_HEAD_FILE = "value_head.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -96,6 +104,24 @@ class ValueHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+    def save_pretrained(self, directory: str):
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  os.path.join(directory, VALUE_HEAD_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str, device="cpu") -> "ValueHead":
+        """The value head saved beside a reward adapter (``directory``: the adapter's directory)."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(directory, VALUE_HEAD_FILE), device=str(device))
+        with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the caller's generator
+            head = cls(tensors["linear.weight"].shape[1]).to(device)
+        head.load_state_dict(tensors)
+        return head
 
 
 @dataclass
@@ -207,6 +233,27 @@ class PolicyAndReward:
     def named_policy_parameters(self):
         """(slot, parameter) pairs in a fixed order, for ZOPrO (names let set_guidance take dicts)."""
         return list(self.policy_parameters.items())
+
+    def save_pretrained(self, directory: str):
+        """Both adapters in peft's format: ``directory/policy`` and ``directory/reward`` (with
+        ``value_head.safetensors``), whatever the adapters' names; each loads as the "default"
+        adapter of ``PeftModel.from_pretrained(base, directory/role)``. Not atomic by itself (the
+        loop writes into a temporary directory, then renames it)."""
+        os.makedirs(directory, exist_ok=True)
+        for role, adapter in (("policy", self.policy_adapter), ("reward", self.reward_adapter)):
+            scratch = os.path.join(directory, f".peft-{role}")
+            shutil.rmtree(scratch, ignore_errors=True)
+            self.model.save_pretrained(scratch, selected_adapters=[adapter])
+            # peft puts an adapter other than "default" in a subdirectory named after it
+            saved = scratch if adapter == "default" else os.path.join(scratch, adapter)
+            target = os.path.join(directory, role)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(saved, target)
+            card = os.path.join(scratch, "README.md")  # peft's model card, beside the subdirectory
+            if os.path.exists(card):
+                os.replace(card, os.path.join(target, "README.md"))
+            shutil.rmtree(scratch, ignore_errors=True)
+        self.value_head.save_pretrained(os.path.join(directory, "reward"))
 
     def load_adapter_tensors(self, role: str, tensors: dict[str, torch.Tensor]):
         target = self.policy_parameters if role == "policy" else self.reward_parameters
