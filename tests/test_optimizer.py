@@ -145,6 +145,14 @@ def test_load_state_dict_rejects_foreign_state(target):
     sd["state"][0]["master"] = torch.zeros(2, 2)
     with pytest.raises(ValueError, match="shape"):
         opt.load_state_dict(sd)
+    # without per-tensor state (no master copy) the layout hash still tells another model apart
+    backend, device = target
+    other = [torch.zeros(3, 5, device=device)] + params[1:]  # (5, 3) → (3, 5): the same numel
+    sd = ZOPrO(params, backend=backend, master_weights=False).state_dict()
+    with pytest.raises(ValueError, match="other shapes"):
+        ZOPrO(other, backend=backend, master_weights=False).load_state_dict(sd)
+    with pytest.raises(ValueError, match="incomplete"):
+        opt.load_state_dict({"zopro": opt.state_dict()["zopro"]})
 
 
 @pytest.mark.parametrize("key,saved,loading", [

@@ -11,6 +11,7 @@ Without guidance z is Gaussian noise and this is plain SPSA (MeZO).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -34,6 +35,7 @@ CONSISTENCY_CHECK_EVERY = 100  # steps between host-side checks that processes a
 _ARENAS = ("master", "policy_delta", "reward_delta", "snapshot")
 # Settings a state dict was saved under that the loading optimizer must share.
 _RESUME_SETTINGS = ("granularity", "master_weights", "direction_norm", "directions")
+_RUN_KEYS = ("seed", "global_step", "iteration_step", "nonfinite_steps")  # the run position: required
 
 
 class ZOPrO(torch.optim.Optimizer):
@@ -165,6 +167,7 @@ class ZOPrO(torch.optim.Optimizer):
             trained = self._trained_positions(params, names)
             for i in trained:
                 validate_parameter(params[i], names[i], i)
+            self._check_distinct(params, names, trained)
             self._pieces = {i: local_piece(params[i]) for i in trained}
             for i, (local, *_rest) in self._pieces.items():
                 validate_parameter(local, names[i], i)
@@ -206,6 +209,34 @@ class ZOPrO(torch.optim.Optimizer):
                           "left alone (not perturbed, not updated, no master copy).", stacklevel=4)
         return trained
 
+    def _layout(self) -> int:
+        """The hash of the trained parameters' full shapes, dtypes and order (the processes agree on
+        it; a state dict carries it)."""
+        params, _ = self._flat_parameters()
+        return layout_hash([params[i] for i in self._pieces])
+
+    @staticmethod
+    def _check_distinct(params, names, trained):
+        """Each value is trained once: the same tensor twice, or two views of overlapping memory,
+        would be perturbed twice per pass."""
+        spans, seen = [], {}
+        for i in trained:
+            if id(params[i]) in seen:  # also an empty tensor given twice
+                first = seen[id(params[i])]
+                raise ValueError(f"{describe(names[first], first)} and {describe(names[i], i)} are the same tensor: "
+                                 "pass each parameter once")
+            seen[id(params[i])] = i
+            local = local_piece(params[i])[0]
+            if local.numel() == 0:
+                continue
+            start = local.untyped_storage().data_ptr() + local.storage_offset() * local.element_size()
+            spans.append((start, start + local.numel() * local.element_size(), i))
+        spans.sort()
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                raise ValueError(f"{describe(names[first], first)} and {describe(names[second], second)} share "
+                                 "memory (the same tensor twice, or overlapping views): pass each parameter once")
+
     def _hyperparameters(self):
         """Per set: [T] float64 vectors of (lr, eps, weight_decay), rebuilt when a group changes
         (a scheduler: every step). Without a blocking transfer: the group values go into a fresh
@@ -213,6 +244,10 @@ class ZOPrO(torch.optim.Optimizer):
         tensor's group index, which is made once."""
         key = tuple((float(g["lr"]), float(g["eps"]), float(g["weight_decay"])) for g in self.param_groups)
         if self._hyper_cache is None or self._hyper_cache[0] != key:
+            for index, (lr, _, weight_decay) in enumerate(key):
+                if lr * weight_decay > 1:  # θ(1 − ηλ) would flip the weights' sign, then blow up
+                    raise ValueError(f"param group {index}: lr × weight_decay = {lr * weight_decay:g} is over 1 "
+                                     f"(lr={lr:g}, weight_decay={weight_decay:g}); decoupled decay needs it ≤ 1")
             sets = self._engine.sets
             if self._hyper_rows is None:
                 self._hyper_rows = [torch.tensor([self._group_index[i] for i in s.indices], device=s.device)
@@ -270,16 +305,29 @@ class ZOPrO(torch.optim.Optimizer):
         )
 
         estimates = []  # per direction: (coefficients, J₊, J₋)
-        for seed in seeds:
-            coefs = engine.coefficients(seed, alpha)
-            apply(seed, coefs, eps, ones, write_master=False)
-            loss_plus = self._loss_value(closure(), "θ+εz")
-            second = [-e for e in eps] if self.master_weights else [-2 * e for e in eps]
-            apply(seed, coefs, second, ones, write_master=False)
-            loss_minus = self._loss_value(closure(), "θ−εz").to(loss_plus.device)
-            if q > 1 and not self.master_weights:  # back to θ₀ (in place) before the next direction
+        offset = None  # where the weights are: θ₀ + offset·z of (seed, coefs), None at θ₀
+        try:
+            for seed in seeds:
+                coefs = engine.coefficients(seed, alpha)
                 apply(seed, coefs, eps, ones, write_master=False)
-            estimates.append([coefs, *self._agreed_losses(engine, seed, loss_plus, loss_minus)])
+                offset = (seed, coefs, eps)
+                loss_plus = self._loss_value(closure(), "θ+εz")
+                second = [-e for e in eps] if self.master_weights else [-2 * e for e in eps]
+                apply(seed, coefs, second, ones, write_master=False)
+                offset = (seed, coefs, [-e for e in eps])
+                loss_minus = self._loss_value(closure(), "θ−εz").to(loss_plus.device)
+                if q > 1 and not self.master_weights:  # back to θ₀ (in place) before the next direction
+                    apply(seed, coefs, eps, ones, write_master=False)
+                    offset = None
+                estimates.append([coefs, *self._agreed_losses(engine, seed, loss_plus, loss_minus)])
+        except BaseException:
+            # a closure that raised (or returned a bad value, or an interrupt): the weights go back
+            # to θ₀, exactly from the master copy, before the error propagates; the step did not happen
+            if offset is not None:
+                seed, coefs, at = offset
+                back = [torch.zeros_like(e) for e in eps] if self.master_weights else [-e for e in at]
+                apply(seed, coefs, back, ones, write_master=False)
+            raise
 
         finites = [torch.isfinite(lp) & torch.isfinite(lm) for _, lp, lm in estimates]
         any_finite = finites[0] if q == 1 else torch.stack(finites).any()
@@ -335,7 +383,7 @@ class ZOPrO(torch.optim.Optimizer):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss; got shape {tuple(loss.shape)} at {where}")
             return loss.detach().reshape(()).to(torch.float64)
-        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        if isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # int, float, numpy scalars
             # made where the step's arithmetic runs: a fill, not a host-to-device copy per step
             return torch.full((), float(loss), dtype=torch.float64, device=self._engine.home)
         raise TypeError(f"the closure must return a tensor or a float, got {type(loss).__name__} at {where}")
@@ -362,16 +410,20 @@ class ZOPrO(torch.optim.Optimizer):
         parameter name (missing names: zero). An argument left as None is unchanged; use
         ``clear_guidance`` to drop guidance. Values are copied (master dtype)."""
         engine = self._ensure_engine()
-        if policy_delta is not None:
-            aligned = self._align(policy_delta, "policy_delta")
+        # both checked before either is stored: a bad argument changes nothing
+        policy = self._align(policy_delta, "policy_delta") if policy_delta is not None else None
+        reward = self._align(reward_delta, "reward_delta") if reward_delta is not None else None
+        if policy is not None:
             self._require_iteration_length()
+        if policy is not None:
+            aligned = policy
             for s in engine.sets:
                 self._store(s, "policy_delta", [aligned[i] for i in s.indices])
             engine.has_policy = True
             engine.guidance_changed(reward=False)
             self._warn_still_units()
-        if reward_delta is not None:
-            aligned = self._align(reward_delta, "reward_delta")
+        if reward is not None:
+            aligned = reward
             for s in engine.sets:
                 self._store(s, "reward_delta", [aligned[i] for i in s.indices])
             engine.has_reward = True
@@ -415,10 +467,10 @@ class ZOPrO(torch.optim.Optimizer):
         if still and not self._warned_still:
             import warnings
 
-            unit = "tensor(s)" if self.granularity == "tensor" else "the whole vector"
-            effect = ("stay still in guided steps" if self.direction_norm == "policy_delta"
-                      else "get only the noise part of z, at the guided scale")
-            warnings.warn(f"ZOPrO: Δπ is 0 for {still} {unit}; they {effect} (never raw noise at the guided "
+            unit = f"{still} tensor(s)" if self.granularity == "tensor" else "the whole vector"
+            effect = ("stays still in guided steps" if self.direction_norm == "policy_delta"
+                      else "gets only the noise part of z, at the guided scale")
+            warnings.warn(f"ZOPrO: Δπ is 0 for {unit}; that part {effect} (never raw noise at the guided "
                           "step size). Said once.", stacklevel=3)
             self._warned_still = True
 
@@ -525,20 +577,28 @@ class ZOPrO(torch.optim.Optimizer):
             "has_reward": engine.has_reward,
             "marked": self._marked,
             "iteration_length": self._last_iteration_length,
+            "layout": self._layout(),
         }
         return sd
 
     def load_state_dict(self, state_dict):
-        if "zopro" not in state_dict:
+        if not isinstance(state_dict, dict) or "zopro" not in state_dict:
             raise ValueError("not a ZOPrO state dict (no 'zopro' entry)")
         run = state_dict["zopro"]
-        if run.get("format") != STATE_FORMAT:
-            raise ValueError(f"unsupported ZOPrO state format {run.get('format')!r}")
+        if not isinstance(run, dict) or run.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported ZOPrO state format {run.get('format') if isinstance(run, dict) else run!r}")
+        missing = [key for key in ("param_groups", "state") if key not in state_dict]
+        missing += [f"zopro.{key}" for key in _RUN_KEYS if key not in run]
+        if missing:
+            raise ValueError(f"the ZOPrO state dict is incomplete (truncated?): it lacks {', '.join(missing)}")
         for key in _RESUME_SETTINGS:  # a changed one would make the resumed run silently diverge
             if key in run and run[key] != getattr(self, key):
                 raise ValueError(f"cannot load a ZOPrO state saved with {key}={run[key]!r} into an optimizer "
                                  f"with {key}={getattr(self, key)!r}: create it with {key}={run[key]!r}")
         engine = self._ensure_engine()
+        if run.get("layout") is not None and run["layout"] != self._layout():
+            raise ValueError("this ZOPrO state was saved for parameters of other shapes, dtypes or order "
+                             "(another model, or other parameters frozen)")
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         state = state_dict.get("state", {})
         params, names = self._flat_parameters()
