@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -27,3 +28,46 @@ def test_readme_examples_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "checkpoint.pt").exists()
     policy = optimizer.state_dict()["state"][0]["policy_delta"]
     assert torch.isfinite(policy).all() and policy.abs().sum() > 0
+
+
+DOCS = README.parent / "docs"
+# every docs page with Python examples, and the test that runs them
+DOC_EXAMPLE_TESTS = {"analysis.md": "test_docs_analysis_examples_run (here)",
+                     "trainer.md": "tests/test_integrations.py",
+                     "config.md": "tests/rloo/test_outputs.py::test_the_config_docs_example_loads_the_exported_policy"}
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_every_docs_page_with_examples_is_run_by_a_test():
+    with_examples = {page.name for page in DOCS.glob("*.md") if python_blocks(page)}
+    assert with_examples == set(DOC_EXAMPLE_TESTS), "add the page's examples to a test"
+
+
+def test_docs_analysis_examples_run(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in python_blocks(DOCS / "analysis.md"):
+        exec(block, namespace)
+    recorder = namespace["recorder"]
+    assert (tmp_path / "runs" / "demo" / "trajectory" / "index.json").exists()
+    assert recorder.total_bytes > 0
+
+
+def shell_commands(text: str) -> list[str]:
+    return [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+            for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_ci_runs_exactly_the_readme_install_and_test_commands():
+    commands = shell_commands(README.read_text())
+    install, test = commands[0], commands[1]
+    assert install.startswith("pip install") and "pytest" in test
+    ci = (README.parent / ".ci" / "run").read_text()
+    ci_lines = [line.split("#")[0].strip().replace(" -q ", " ") for line in ci.splitlines()]
+    quiet = lambda command: command.replace(" -q ", " ")  # noqa: E731 - CI may add pip's -q
+    assert "python -m " + quiet(install) in ci_lines  # the same install, through the venv's python
+    assert quiet(test) in ci_lines

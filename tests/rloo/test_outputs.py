@@ -229,3 +229,21 @@ def test_tensorboard_restart_replaces_only_its_own_event_files(tmp_path):
     now = {f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents.")}
     assert foreign.name in now and foreign.read_bytes() == b"another run's events"  # left alone
     assert not (mine & now) and len(now) == 2  # its own earlier file replaced by one new file
+
+
+def test_the_config_docs_example_loads_the_exported_policy(exported, tmp_path, monkeypatch):
+    """docs/config.md's example, run as written from a directory where runs/sentiment is this run."""
+    import re
+    import shutil
+
+    trainer, _, output, _ = exported
+    page = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "config.md")
+    (block,) = re.findall(r"```python\n(.*?)```", open(page, encoding="utf-8").read(), flags=re.S)
+    shutil.copytree(output / "adapters", tmp_path / "runs" / "sentiment" / "adapters")
+    monkeypatch.chdir(tmp_path)
+    base, _ = make_base(seed=0)
+    namespace = {"base": base}
+    exec(re.sub(r"(?m)^  ", "", block), namespace)  # the block is indented in a list item
+    with trainer.pair.adapter(trainer.pair.policy_adapter):
+        expected = policy_logits(trainer.pair.model)
+    assert torch.equal(policy_logits(namespace["policy"].eval()), expected)

@@ -102,7 +102,7 @@ class TrainConfig:
     prompt_fraction: float = 0.2           # share of the prompts used per iteration
     batch_prompts: int = 4                 # prompts per step (k completions each)
     steps_per_iteration: int | None = None  # default: the iteration's prompts / batch_prompts
-    lr: float = 1e-4                       # guided ZO steps (see direction_norm and README "Choosing ε and η")
+    lr: float = 1e-4                       # guided ZO steps (see direction_norm and docs/api.md "Choosing ε and η")
     # "noise": z rescaled to ‖z‖ ≈ √d (as N(0, I) noise), so lr and eps mean the same in every mode and
     # iteration. "policy_delta": eq. 2 as published, ‖z‖ ≈ ‖Δπ‖ (guided updates scale with ‖Δπ‖²).
     direction_norm: str = "noise"
