@@ -401,7 +401,7 @@ def test_reward_settings_come_from_a_sweep_file_or_plain_json(tmp_path):
     config = bench_reward.method_config(base, {"zopro": {"lr": 3}}, "zopro", 2, tmp_path, 1, zo_iterations=2)
     assert config | {"output_dir": None, "start_from": None} == base | {
         "lr": 3, "seed": 2, "iterations": 3, "eval_split": "held_out", "threads": 1, "progress": False, "plot": False,
-        "output_dir": None, "start_from": None}
+        "save_adapters": False, "output_dir": None, "start_from": None}
     assert config["start_from"] == str(tmp_path / "start-seed2")
     assert config["output_dir"] == str(tmp_path / "zopro-seed2")
     start = bench_reward.start_config(base, {"num_iterations": 4}, 2, tmp_path, 1)

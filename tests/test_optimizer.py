@@ -357,7 +357,7 @@ def test_frozen_parameters_take_no_guidance_and_state_stays_aligned():
         again.load_state_dict(state)
     assert torch.equal(again.state_dict()["state"][2]["policy_delta"], torch.ones(5, 2))
     all_trained = [t.detach().clone().requires_grad_() for t in mixed]
-    with pytest.raises(ValueError, match="does not train"):
+    with pytest.raises(ValueError, match="other parameters frozen|does not train"):
         ZOPrO(all_trained[:1] + [t.detach() for t in all_trained[1:]], lr=1e-2, backend="torch",
               alpha=0.5).load_state_dict(state)
 
