@@ -47,7 +47,11 @@ from results_io import (command_argv, environment, environment_line, matplotlib_
                         results_stem, write_results)
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("zopro", "mezo", "adamw")
+RLOO_METHODS = ("zopro", "mezo", "adamw")  # the default comparison
+# preference-only zeroth order (docs/preference_zo.md): no reward at all, so only in the "functions"
+# reward mode (its start run has no reward model); settings such as guided come from --settings
+PREFERENCE_METHODS = ("zpg", "zbcpg", "zorank")
+METHODS = RLOO_METHODS + PREFERENCE_METHODS
 REWARD_MODES = {"model": {"reward_model": True, "reward_funcs": []},
                 "functions": {"reward_model": False, "reward_funcs": ["judge"]}}
 RUN_RECORD = "bench_run.json"  # written by launch() next to the run's metrics
@@ -203,8 +207,15 @@ def method_config(base: dict, settings: dict, method: str, seed: int, runs_dir, 
                   eval_split: str = "held_out", name: str | None = None) -> dict:
     from zopro_kernels.rloo.config import canonical_keys
 
+    # the preference-only methods use no reward (their runs share the start run all the same), and
+    # sample fresh completions every step: as many steps as the others' rollouts × reuses
+    no_reward = {}
+    if method in PREFERENCE_METHODS:
+        steps, reuse = base.get("steps_per_iteration"), base.get("num_iterations", 1)
+        no_reward = {"reward_model": False, "reward_funcs": [], "num_iterations": 1,
+                     "steps_per_iteration": steps * reuse if steps else None}
     # a settings file (or grid point) may use the keys' old names: they must override base's new ones
-    return base | canonical_keys(settings.get(method, {})) | {
+    return base | no_reward | canonical_keys(settings.get(method, {})) | {
         "optimizer": method, "seed": seed, "iterations": 1 + zo_iterations, "eval_split": eval_split,
         "start_from": str(run_dir(runs_dir, "start", seed)),
         "output_dir": str(run_dir(runs_dir, name or method, seed)), "threads": threads, "progress": False,
@@ -361,7 +372,9 @@ def parse_args(argv):
     parser.add_argument("--start-set", nargs="*", default=["num_iterations=4"], metavar="KEY=VALUE",
                         help="override keys of the shared first-order iteration 0 only")
     parser.add_argument("--settings", help="JSON {method: {key: value}} (the sweep's choice) or a sweep results file")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(RLOO_METHODS), choices=METHODS,
+                        help=f"default: {' '.join(RLOO_METHODS)}; the preference-only {', '.join(PREFERENCE_METHODS)} "
+                             "need --reward-mode functions")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--zo-iterations", type=int, default=1, help="iterations after the shared iteration 0")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
@@ -388,6 +401,9 @@ def main(argv=None):
         return run_one(json.loads(args.run_one))
     from zopro_kernels.rloo.cli import parse_overrides
 
+    if args.reward_mode == "model" and set(args.methods) & set(PREFERENCE_METHODS):
+        raise SystemExit(f"{sorted(set(args.methods) & set(PREFERENCE_METHODS))} use no reward model: their runs "
+                         "cannot start from a start run that trained one; use --reward-mode functions")
     base = load_base_config(args.config, args.set, args.reward_mode)
     settings = load_settings(args.settings)
     runs_dir = Path(args.runs_dir).resolve() / args.reward_mode  # the runs' subprocesses work in ROOT

@@ -41,11 +41,21 @@ def test_cli_runs_a_local_model_with_jsonl_prompts_and_an_llm_judge_then_resumes
     out = capsys.readouterr().out
     assert "| 0 | adamw | 1 |" in out and "judge_failures': 0" in out
     assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 1000
-    # one more iteration from the checkpoint: iteration 0 is not rerun
-    assert main(["--config", str(config), "--resume", "--set", "iterations=2"]) == 0
+    # a changed key that decides the trajectory is refused, naming it with both values
+    assert main(["--config", str(config), "--resume", "--set", "iterations=2", "lr=0.0002"]) == 2
+    err = capsys.readouterr().err
+    assert "lr (checkpoint 0.0001, config 0.0002)" in err and "--resume-override lr" in err
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--resume-override", "lr"])  # only with --resume
+    # one more iteration from the checkpoint (iteration 0 is not rerun), lr changed on purpose
+    assert main(["--config", str(config), "--resume", "--resume-override", "lr", "--set", "iterations=2",
+                 "lr=0.0002"]) == 0
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["iteration"] for r in records if "step" in r] == [0, 1]
     assert [r["mode"] for r in records if "step" in r] == ["adamw", "zopro"]
+    (event,) = [r for r in records if r.get("event") == "resume_override"]
+    assert event["changed"] == {"lr": {"checkpoint": 0.0001, "config": 0.0002}} and event["iteration"] == 1
+    assert [r["lr"] for r in records if "step" in r][1] == 0.0002
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""``zopro-train --config examples/sentiment.yaml [--resume] [--set key=value ...]`` and ``train()``."""
+"""``zopro-train --config examples/sentiment.yaml [--resume [--resume-override KEY[,KEY]]] [--set key=value ...]``
+and ``train()``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .config import TrainConfig
 
 
 def build_judge(config: TrainConfig):
-    from .judges import LLMPairwiseJudge, vader_judge
+    from .judges import LLMPairwiseJudge, SimulatedHumanJudge, resolve_score, vader_judge
 
     if config.judge == "vader":
         return vader_judge()
@@ -19,7 +20,11 @@ def build_judge(config: TrainConfig):
 
         model, tokenizer = load_base_model(config.judge[4:], dtype=config.dtype, device=config.device)
         return LLMPairwiseJudge(model.eval(), tokenizer, order=config.judge_order, seed=config.seed)
-    raise ValueError(f"judge {config.judge!r} is not 'vader' or 'llm:<local model directory>'")
+    if config.judge.startswith("simulated:"):  # Bradley–Terry feedback from a score: "simulated:vader"
+        return SimulatedHumanJudge(resolve_score(config.judge[len("simulated:"):]), tau=config.judge_temperature,
+                                   seed=config.seed, link=config.link, shape=config.weibull_shape)
+    raise ValueError(f"judge {config.judge!r} is not 'vader', 'llm:<local model directory>' or "
+                     "'simulated:<vader | module:function>'")
 
 
 def build_pair(config: TrainConfig):
@@ -36,8 +41,12 @@ def build_pair(config: TrainConfig):
 
 
 def train(config: TrainConfig, *, resume: bool = False, recorder=None, pair=None, prompts=None, judge=None,
-          parallel=None):
+          parallel=None, resume_override=()):
     """Runs the loop; builds the model, prompts and judge from ``config`` unless given.
+
+    ``resume``: continue from ``output_dir``'s checkpoint, whose config must match ``config`` in
+    every key that decides the run; ``resume_override`` names keys changed on purpose
+    (``RLOOTrainer.resume``).
 
     Under ``torchrun`` (WORLD_SIZE > 1) the process group is joined here (NCCL on GPUs, gloo on
     CPUs) and the loop is data parallel; rank 0 writes the outputs.
@@ -59,7 +68,7 @@ def train(config: TrainConfig, *, resume: bool = False, recorder=None, pair=None
                                                                       config.prompt_words)
     judge = judge if judge is not None else build_judge(config)
     trainer = RLOOTrainer(config, pair, prompts, judge, recorder=recorder, parallel=parallel)
-    history = trainer.run(resume=resume)
+    history = trainer.run(resume=resume, resume_override=resume_override)
     if not parallel.is_main:
         return trainer
     print(summary_table(history))
@@ -96,12 +105,18 @@ def main(argv: list[str] | None = None) -> int:
                     "reward model refined from a judge's pairwise preferences.")
     parser.add_argument("--config", help="YAML file of TrainConfig keys (defaults: the sentiment task)")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
+    parser.add_argument("--resume-override", action="append", default=[], metavar="KEY[,KEY]",
+                        help="with --resume: accept these keys differing from the checkpoint's config (changed on "
+                             "purpose; logged in metrics.jsonl). Without it a resume refuses any key that decides "
+                             "the run's trajectory")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     args = parser.parse_args(argv)
+    if args.resume_override and not args.resume:
+        parser.error("--resume-override needs --resume")
     try:
         base = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
         config = TrainConfig.from_dict(base | parse_overrides(args.set))
-        train(config, resume=args.resume)
+        train(config, resume=args.resume, resume_override=args.resume_override)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
         print(f"zopro-train: error: {error}", file=sys.stderr)
         return 2

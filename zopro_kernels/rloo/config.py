@@ -15,8 +15,12 @@ from dataclasses import dataclass
 
 from ..direction import DIRECTION_NORMS
 from .judges import LLMPairwiseJudge
+from .links import LINKS
+from .preference_zo import PERTURBATIONS, PREFERENCE_MODES
 
-OPTIMIZERS = ("zopro", "mezo", "adamw")
+# the RLOO modes (reward model and/or reward functions, RLOO objective) and the preference-only
+# zeroth-order modes (preference_zo.py: no reward, the judge's preferences alone)
+OPTIMIZERS = ("zopro", "mezo", "adamw") + PREFERENCE_MODES
 FIRST_ITERATIONS = ("adamw", "spsa")
 EVAL_SPLITS = ("held_out", "validation", "both")
 REPORT_TO = ("tensorboard",)  # report_to integrations ("none": none, "all": the installed ones)
@@ -59,7 +63,7 @@ class TrainConfig:
     # what to train on
     model: str = "smollm2-135m-instruct"   # a named asset, a local HF directory, or a .gguf file
     prompts: str = "rotten-tomatoes-negative"  # a named asset or a JSONL file with a "prompt" field
-    judge: str = "vader"                   # "vader", or "llm:<local model directory>"
+    judge: str = "vader"                   # "vader", "llm:<local model directory>", or "simulated:<score>"
     judge_order: str = "both"              # LLM judge: ask in "both" orders (cancels position bias), "random", "fixed"
     prompt_words: int = 8                  # opening words of each review snippet (the named prompt asset)
     max_prompts: int | None = None         # use only the first N prompts (after the seeded shuffle)
@@ -116,6 +120,20 @@ class TrainConfig:
     alpha: str | float = "linear"
     granularity: str = "tensor"
 
+    # preference-only modes (optimizer zpg | zbcpg | zorank; docs/preference_zo.md): eps is the
+    # perturbation ε, lr the step size η of every step; the judge's preferences are the only signal
+    guided: bool = False                   # iterations after the first draw z as eq. 2 with Δπ (no ΔR)
+    judge_queries: int = 1                 # judge queries per pair (p̂ = wins / queries; ties count ½)
+    trim_delta: float = 0.05               # p̂ trimmed to [δ, 1 − δ] before the inverse link (zpg, zbcpg)
+    link: str = "bt"                       # preference link: "bt" (Bradley–Terry) or "weibull"
+    weibull_shape: float = 2.0             # shape k of the "weibull" link
+    two_sided: bool = False                # zpg/zbcpg: θ+εz against θ−εz (published: θ); zorank: ±z pairs
+    perturbation: str = "published"        # unguided z: "sphere", "gaussian", or each mode's published one
+    blocks: int = 1                        # zbcpg: blocks estimated per step (each from its share of the prompts)
+    block_tensors: int = 2                 # zbcpg: consecutive tensors per block (2: one module's lora_A, lora_B)
+    rank_policies: int = 4                 # zorank: perturbed policies m ranked per prompt
+    judge_temperature: float = 0.1         # judge "simulated:<score>": τ of P(a ≻ b) = σ((s_a − s_b)/τ)
+
     # reward model
     reward_lr: float = 1e-4
     reward_epochs: int = 2
@@ -167,15 +185,46 @@ class TrainConfig:
                 callable(f) or isinstance(f, str) for f in self.reward_funcs):
             raise ValueError(f"reward_funcs must be a list of names ('judge', 'module:function') or callables, "
                              f"got {self.reward_funcs!r}")
-        if not self.reward_model and not self.reward_funcs:
+        if self.optimizer in PREFERENCE_MODES:
+            self._check_preference_mode()
+        elif not self.reward_model and not self.reward_funcs:
             raise ValueError("reward_model is false and reward_funcs is empty: there is no reward")
+        if self.guided and self.optimizer not in PREFERENCE_MODES:
+            raise ValueError(f"guided applies to the preference-only modes {PREFERENCE_MODES}; optimizer "
+                             f"{self.optimizer!r} is guided (zopro) or not (mezo, adamw) by itself")
+        if self.link not in LINKS:
+            raise ValueError(f"link {self.link!r} is not one of {LINKS}")
+        if not self.weibull_shape > 0:
+            raise ValueError(f"weibull_shape must be > 0, got {self.weibull_shape}")
+        if self.perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation {self.perturbation!r} is not one of {PERTURBATIONS}")
+        if not 0 < self.trim_delta < 0.5:
+            raise ValueError(f"trim_delta must be in (0, 0.5), got {self.trim_delta}")
+        if not self.judge_temperature > 0:
+            raise ValueError(f"judge_temperature must be > 0, got {self.judge_temperature}")
+        if self.rank_policies < 2 or (self.optimizer == "zorank" and self.two_sided and self.rank_policies % 2):
+            raise ValueError(f"rank_policies must be ≥ 2 (even with two_sided: ± pairs), got {self.rank_policies}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
         for name in ("iterations", "batch_prompts", "reward_epochs", "reward_batch_size", "logprob_chunk",
-                     "num_iterations", "directions", "num_generations_eval"):
+                     "num_iterations", "directions", "num_generations_eval", "judge_queries", "blocks",
+                     "block_tensors"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         self.report_to = self._report_to(self.report_to)
+
+    def _check_preference_mode(self):
+        """zpg | zbcpg | zorank learn from the judge's preferences alone: no reward model, no reward
+        functions, no reused rollouts (every step samples fresh completions from perturbed policies)."""
+        if self.reward_model:
+            raise ValueError(f"optimizer {self.optimizer!r} learns from the judge's preferences alone, without a "
+                             "reward model: set reward_model: false")
+        if self.reward_funcs:
+            raise ValueError(f"optimizer {self.optimizer!r} uses no reward: reward_funcs {self.reward_funcs!r} "
+                             "would be ignored; leave reward_funcs empty")
+        if self.num_iterations != 1:
+            raise ValueError(f"optimizer {self.optimizer!r} samples fresh completions at every step: "
+                             f"num_iterations (rollout reuse) must be 1, got {self.num_iterations}")
 
     @staticmethod
     def _report_to(value) -> list[str]:

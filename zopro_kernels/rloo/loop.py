@@ -36,8 +36,9 @@ import time
 import torch
 
 from ..optimizer import ZOPrO
-from .checkpoint import atomic_directory, load_checkpoint, save_checkpoint
-from .config import TrainConfig, canonical_keys
+from .checkpoint import (RESUME_NOT_OVERRIDABLE, atomic_directory, kill_point, load_checkpoint, override_keys,
+                         resume_differences, save_checkpoint)
+from .config import PREFERENCE_MODES, TrainConfig, canonical_keys
 from .judges import JudgeError, call_judge
 from .logprobs import SamplingDistribution
 from .objective import mean_finite, policy_loss, score_rollout
@@ -87,8 +88,9 @@ def norm_of(tensors: dict) -> float:
 
 
 def cosine(first: dict, second: dict) -> float:
-    """cos ∠(first, second) over the slots both have (NaN when either is 0)."""
-    dot = sum(float((first[k].double() * second[k].double()).sum()) for k in first.keys() & second.keys())
+    """cos ∠(first, second) over the slots both have (NaN when either is 0); summed in ``first``'s
+    order (a set's order follows the process's string hash seed: the last bits would differ)."""
+    dot = sum(float((first[k].double() * second[k].double()).sum()) for k in first if k in second)
     norms = norm_of(first) * norm_of(second)
     return dot / norms if norms > 0 else math.nan
 
@@ -117,7 +119,7 @@ class RLOOTrainer:
         self.config, self.pair, self.judge, self.recorder = config, pair, judge, recorder
         self.reward_funcs = (list(reward_funcs) if reward_funcs is not None
                              else resolve_reward_funcs(config.reward_funcs, judge))
-        if not config.reward_model and not self.reward_funcs:
+        if not config.reward_model and not self.reward_funcs and config.optimizer not in PREFERENCE_MODES:
             raise ValueError("reward_model is false and there are no reward functions: there is no reward")
         self.sampling = SamplingDistribution(config.temperature, config.top_k, config.top_p)
         self.parallel = parallel if parallel is not None else DataParallel()
@@ -130,10 +132,17 @@ class RLOOTrainer:
         # rollouts per iteration; each is reused for num_iterations optimisation steps
         self.steps = config.steps_per_iteration or max(1, math.ceil(self.chunk_size / config.batch_prompts))
         self.optimizer_steps = self.steps * config.num_iterations
-        self.zo = self._zo_optimizer() if config.optimizer in ("zopro", "mezo") else None
+        self.preference = None  # optimizer zpg | zbcpg | zorank: preference_zo.py, no reward at all
+        if config.optimizer in PREFERENCE_MODES:
+            from .preference_zo import PreferenceLoop
+
+            self.preference = PreferenceLoop(self)
+        self.zo = (self._zo_optimizer() if config.optimizer in ("zopro", "mezo")
+                   else self.preference.passes if self.preference is not None else None)
         self.adamw = (torch.optim.AdamW(list(pair.policy_parameters.values()), lr=config.adamw_lr,
                                         weight_decay=config.weight_decay)
-                      if config.optimizer == "adamw" or config.first_iteration == "adamw" else None)
+                      if config.optimizer == "adamw" or (config.first_iteration == "adamw" and self.preference is None)
+                      else None)
         self.reward_adamw = reward_optimizer(pair, config.reward_lr)
         self.next_iteration, self.global_step, self.train_seconds = 0, 0, 0.0
         self.delta_sq = {"first": None, "last": None}  # ‖Δπ‖² of the first and the latest iteration
@@ -204,6 +213,8 @@ class RLOOTrainer:
 
     def iteration_mode(self, iteration: int) -> str:
         c = self.config
+        if self.preference is not None:
+            return self.preference.mode(iteration)
         if c.optimizer == "adamw" or (iteration == 0 and c.first_iteration == "adamw"):
             return "adamw"
         guided = c.optimizer == "zopro" and iteration > 0
@@ -220,15 +231,21 @@ class RLOOTrainer:
             return
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if "event" not in record:  # test-only (tests/rloo/test_kill.py): a kill after this step's record
+            kill_point("AFTER_STEP", record.get("step"))
         if self.tensorboard is not None:
             self.tensorboard.log(record)
 
     def _truncate_metrics(self, last_iteration: int):
-        """After a resume, drop records of the iteration the kill interrupted (it reruns)."""
+        """After a resume, drop records of the iteration the kill interrupted (it reruns), and a
+        last line that a crash tore (written in part, no newline)."""
         if not self.parallel.is_main or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path, encoding="utf-8") as handle:
-            kept = [line for line in handle if line.strip() and json.loads(line).get("iteration", -1) <= last_iteration]
+            lines = handle.readlines()
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("iteration", -1) <= last_iteration]
         temporary = self.metrics_path + ".tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
             handle.writelines(kept)
@@ -391,6 +408,7 @@ class RLOOTrainer:
         losses = refine_reward_model(self.pair, pairs, self.reward_adamw, epochs=c.reward_epochs,
                                      batch_size=c.reward_batch_size, seed=derived_seed(c.seed, iteration, 0, purpose),
                                      parallel=self.parallel)
+        kill_point("IN_REFINEMENT", iteration)  # test-only (tests/rloo/test_kill.py): R moved, nothing logged
         return info | {"bt_loss_first": losses[0] if losses else math.nan,
                        "bt_loss_last": losses[-1] if losses else math.nan,
                        "pair_accuracy_before": before, "fresh_pair_accuracy": before,
@@ -449,13 +467,14 @@ class RLOOTrainer:
                               [self.prompts[i % len(self.prompts)] for i in range(c.reward_warmup_prompts)])
             warmup = self.refine(iteration, warmup_prompts, purpose=3)
             self.log({"event": "reward_warmup", "iteration": iteration, "global_step": self.global_step} | warmup)
-        if iteration == 0 and c.optimizer == "zopro":
+        if iteration == 0 and (c.optimizer == "zopro" or c.guided):
             self.zo.mark_iteration()  # θ_0: Δπ_0 is formed at the end of this iteration
         policy_at_start = self.pair.policy_tensors()
         rewards, stopped, steps_done = [], False, 0
         for step in range(self.steps):
             batch_prompts = [prompts[(step * c.batch_prompts + j) % len(prompts)] for j in range(c.batch_prompts)]
-            records = self.policy_step(iteration, step, batch_prompts, mode)
+            step_of = self.preference.policy_step if self.preference is not None else self.policy_step
+            records = step_of(iteration, step, batch_prompts, mode)
             for record in records:
                 self.log(record)
             steps_done += len(records)
@@ -494,7 +513,7 @@ class RLOOTrainer:
         c = self.config
         if self.zo is not None and mode == "adamw":
             self.zo.sync_from_model()  # AdamW moved the weights outside ZOPrO
-        if c.optimizer == "zopro":
+        if c.optimizer == "zopro" or c.guided:
             self.zo.mark_iteration()  # Δπ_t = θ_t − θ_{t−1}; α restarts
         now = self.pair.policy_tensors()
         policy_delta = {slot: now[slot] - before for slot, before in policy_at_start.items()}
@@ -543,8 +562,15 @@ class RLOOTrainer:
         self.last_reward_delta = state.get("last_reward_delta")
         self.history = list(state["history"])
 
-    def resume(self) -> bool:
-        """Continue from the last checkpoint of ``output_dir`` (False when there is none)."""
+    def resume(self, override=()) -> bool:
+        """Continue from the last checkpoint of ``output_dir`` (False when there is none).
+
+        The checkpoint's config must equal this one in every key that decides the trajectory
+        (all but ``checkpoint.RESUME_MAY_CHANGE``): a difference is refused, naming each key with
+        both values. ``override`` ("lr,eps" or a list; CLI ``--resume-override``) names keys
+        changed on purpose: their differences are accepted, take effect from the rerun iteration
+        on, and are logged in metrics.jsonl (a ``resume_override`` event)."""
+        override = override_keys(override)
         state = None
         if self.parallel.is_main:  # read once, handed to every process (no shared filesystem needed)
             try:
@@ -556,14 +582,42 @@ class RLOOTrainer:
             raise RuntimeError(str(state))
         if state is None:
             return False
-        stored = canonical_keys(state["config"], warn=False)  # a checkpoint from before the renames too
-        for key in ("model", "seed", "optimizer", "lora_r", "lora_targets"):
-            if stored.get(key) != getattr(self.config, key):
-                raise ValueError(f"cannot resume: checkpoint has {key}={stored.get(key)!r}, "
-                                 f"config has {getattr(self.config, key)!r}")
+        differences = resume_differences(state["config"], self.config)
+        refused = {key: values for key, values in differences.items() if key not in override}
+        if refused:
+            listed = ", ".join(f"{key} (checkpoint {old!r}, config {new!r})" for key, (old, new) in refused.items())
+            fixed = [key for key in refused if key in RESUME_NOT_OVERRIDABLE]
+            free = [key for key in refused if key not in RESUME_NOT_OVERRIDABLE]
+            hint = (f"; to change {'it' if len(free) == 1 else 'them'} on purpose: --resume-override {','.join(free)}"
+                    if free else "")
+            hint += f"; {fixed} cannot be changed on resume: start a new run" if fixed else ""
+            raise ValueError(f"cannot resume from {self.checkpoint_path}: the config differs from the checkpoint's "
+                             f"in {listed}; the resumed run would diverge from the checkpoint's. Resume with the "
+                             f"checkpoint's values{hint}")
         self.restore(state)
+        self._apply_overrides(differences)
         self._truncate_metrics(self.next_iteration - 1)
+        if differences:  # after the truncation; a rerun of this iteration drops it (and needs the override again)
+            changed = {key: {"checkpoint": old, "config": new} for key, (old, new) in differences.items()}
+            self.log({"event": "resume_override", "iteration": self.next_iteration,
+                      "global_step": self.global_step, "changed": changed})
+            self.say("resumed with " + ", ".join(f"{key}={new!r} (was {old!r})"
+                                                 for key, (old, new) in differences.items()))
         return True
+
+    def _apply_overrides(self, differences: dict):
+        """Settings that ``restore`` brought back from the checkpoint's optimizer state (their
+        param groups) set to this config's values where a resume override changed them."""
+        c = self.config
+        # (the RLOO modes also set the ZO lr at every step)
+        groups = [(self.zo, {"lr": c.lr, "eps": c.eps, "weight_decay": c.weight_decay}),
+                  (self.adamw, {"adamw_lr": c.adamw_lr, "weight_decay": c.weight_decay}),
+                  (self.reward_adamw, {"reward_lr": c.reward_lr})]
+        for optimizer, settings in groups:
+            for key, value in settings.items():
+                if optimizer is not None and key in differences:
+                    for group in optimizer.param_groups:
+                        group["lr" if key.endswith("lr") else key] = value
 
     def start_from(self, path: str):
         """Continue from another run's checkpoint with this config's optimizer (e.g. a shared
@@ -626,11 +680,11 @@ class RLOOTrainer:
             self.tensorboard.close()
             self.tensorboard = None
 
-    def run(self, *, resume: bool = False) -> list[dict]:
+    def run(self, *, resume: bool = False, resume_override=()) -> list[dict]:
         from tqdm.auto import tqdm
 
         c = self.config
-        if resume and self.resume():
+        if resume and self.resume(override=resume_override):
             self.say(f"resumed from {self.checkpoint_path} at iteration {self.next_iteration}")
         elif c.start_from:
             self.start_from(c.start_from)
