@@ -1,8 +1,15 @@
-"""Build entry point. The package is pure Python, plus the CUDA library of csrc/
-(``zopro_kernels/_lib/libzopro_csrc.so``, a C ABI without libtorch) built by CMake + Ninja when
-nvcc is found. No nvcc, or ``ZOPRO_SKIP_CUDA_BUILD=1``, gives a pure-Python install (the
-``triton`` and ``torch`` backends). ``ZOPRO_CUDA_ARCHS`` overrides the architectures
-(default ``80-real;86-real;89-real;90``: SASS for 80/86/89/90 and PTX for 90).
+"""Build entry point. The package is pure Python, plus the native libraries of csrc/ (C ABIs
+without libtorch, placed in ``zopro_kernels/_lib/``), each built by CMake + Ninja where it can be:
+
+- ``libzopro_cpu.so`` (the ``cpu`` backend) where a C++ compiler is found ($CXX, c++, g++,
+  clang++); ``ZOPRO_SKIP_CPU_BUILD=1`` skips it. A failed build is reported and leaves the
+  install without it (the ``torch`` backend then runs CPU tensors).
+- ``libzopro_csrc.so`` (the ``cuda`` backend) where nvcc is found; ``ZOPRO_SKIP_CUDA_BUILD=1``
+  skips it. ``ZOPRO_CUDA_ARCHS`` overrides the architectures (default ``80-real;86-real;89-real;90``:
+  SASS for 80/86/89/90 and PTX for 90).
+
+Neither built gives a pure-Python install (the ``triton`` and ``torch`` backends). An editable
+install (``pip install -e .``) builds them in place, next to the sources.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-LIBRARY = "libzopro_csrc.so"
+CUDA_LIBRARY, CPU_LIBRARY = "libzopro_csrc.so", "libzopro_cpu.so"
 EXTENSION = "zopro_kernels._lib.libzopro_csrc"
+CPU_EXTENSION = "zopro_kernels._lib.libzopro_cpu"
+LIBRARIES = {EXTENSION: CUDA_LIBRARY, CPU_EXTENSION: CPU_LIBRARY}
 
 
 def find_nvcc() -> str | None:
@@ -30,6 +39,18 @@ def find_nvcc() -> str | None:
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if cuda_home and (Path(cuda_home) / "bin" / "nvcc").is_file():
         return str(Path(cuda_home) / "bin" / "nvcc")
+    return None
+
+
+def find_cxx() -> str | None:
+    """The C++ compiler: $CXX, else c++, g++ or clang++ from PATH."""
+    explicit = os.environ.get("CXX")
+    if explicit:
+        return shutil.which(explicit) or (explicit if Path(explicit).is_file() else None)
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
     return None
 
 
@@ -45,8 +66,16 @@ def find_tool(name: str) -> str | None:
         return None
 
 
+def _with_cmake(tools: dict, what: str) -> tuple[dict | None, str]:
+    tools = dict(tools, cmake=find_tool("cmake"), ninja=find_tool("ninja"))
+    missing = [name for name in ("cmake", "ninja") if tools[name] is None]
+    if missing:
+        return None, f"{what} found but {' and '.join(missing)} not (pip install cmake ninja)"
+    return tools, what
+
+
 def cuda_build_plan() -> tuple[dict | None, str]:
-    """(tools, why) for the CUDA build; tools is None when the install stays pure Python."""
+    """(tools, why) for the CUDA build; tools is None when it is not built."""
     if os.environ.get("ZOPRO_SKIP_CUDA_BUILD") == "1":
         return None, "ZOPRO_SKIP_CUDA_BUILD=1"
     if sys.platform != "linux":
@@ -54,60 +83,94 @@ def cuda_build_plan() -> tuple[dict | None, str]:
     nvcc = find_nvcc()
     if nvcc is None:
         return None, "nvcc not found (PATH, CUDACXX, CUDA_HOME)"
-    tools = {"nvcc": nvcc, "cmake": find_tool("cmake"), "ninja": find_tool("ninja")}
-    missing = [name for name in ("cmake", "ninja") if tools[name] is None]
-    if missing:
-        return None, f"nvcc found but {' and '.join(missing)} not (pip install cmake ninja)"
-    return tools, f"nvcc at {nvcc}"
+    return _with_cmake({"nvcc": nvcc}, f"nvcc at {nvcc}")
+
+
+def cpu_build_plan() -> tuple[dict | None, str]:
+    """(tools, why) for the CPU build; tools is None when it is not built."""
+    if os.environ.get("ZOPRO_SKIP_CPU_BUILD") == "1":
+        return None, "ZOPRO_SKIP_CPU_BUILD=1"
+    if sys.platform != "linux":
+        return None, f"the CPU library is built on Linux only (platform {sys.platform})"
+    cxx = find_cxx()
+    if cxx is None:
+        return None, "no C++ compiler found ($CXX, c++, g++, clang++)"
+    return _with_cmake({"cxx": cxx}, f"C++ compiler {cxx}")
 
 
 class CMakeExtension(Extension):
-    def __init__(self, name: str):
+    def __init__(self, name: str, kind: str, tools: dict):
         super().__init__(name, sources=[])
+        self.kind, self.tools = kind, tools  # kind: "cpu" or "cuda"
 
 
 class BuildCMake(build_ext):
-    """Builds libzopro_csrc.so with CMake + Ninja and places it at zopro_kernels/_lib/."""
+    """Builds each library with CMake + Ninja (only its own target) into zopro_kernels/_lib/."""
 
     def get_ext_filename(self, fullname):
         # Called with the dotted name and with its last part: no Python ABI suffix for a C library.
-        parts = fullname.split(".")
-        if fullname == EXTENSION or fullname == EXTENSION.rsplit(".", 1)[1]:
-            return os.path.join(*parts[:-1], LIBRARY)
+        for extension, library in LIBRARIES.items():
+            if fullname in (extension, extension.rsplit(".", 1)[1]):
+                return os.path.join(*fullname.split(".")[:-1], library)
         return super().get_ext_filename(fullname)
 
     def copy_extensions_to_source(self):
-        # Editable installs copy the library next to the sources: zopro_kernels/_lib/ may not exist.
+        # Editable installs copy the libraries next to the sources: zopro_kernels/_lib/ may not exist.
         package_dir = self.get_finalized_command("build_py").get_package_dir(EXTENSION.rsplit(".", 1)[0])
         (ROOT / package_dir).mkdir(parents=True, exist_ok=True)
         super().copy_extensions_to_source()
 
+    def build_extensions(self):
+        built = []
+        for ext in self.extensions:
+            try:
+                self.build_extension(ext)
+            except (subprocess.CalledProcessError, OSError) as err:
+                if getattr(ext, "kind", None) != "cpu":
+                    raise
+                # Optional: the install goes on without it and backend="cpu" says it was not built.
+                print(f"zopro-kernels: WARNING: the CPU library {CPU_LIBRARY} failed to build ({err}); "
+                      "the install has no 'cpu' backend (CPU tensors use the 'torch' backend)", file=sys.stderr)
+                continue
+            built.append(ext)
+        self.extensions[:] = built
+
     def build_extension(self, ext):
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
-        tools, _ = cuda_build_plan()
+        tools = ext.tools
+        library = LIBRARIES[ext.name]
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         with tempfile.TemporaryDirectory(prefix="zopro-cmake-") as build:
             configure = [
                 tools["cmake"], "-S", str(ROOT), "-B", build, "-G", "Ninja",
                 f"-DCMAKE_MAKE_PROGRAM={tools['ninja']}",
-                f"-DCMAKE_CUDA_COMPILER={tools['nvcc']}",
                 "-DCMAKE_BUILD_TYPE=Release",
+                f"-DZOPRO_BUILD_CPU={'ON' if ext.kind == 'cpu' else 'OFF'}",
+                f"-DZOPRO_BUILD_CUDA={'ON' if ext.kind == 'cuda' else 'OFF'}",
             ]
-            self.announce(f"zopro-kernels: building {LIBRARY} ({' '.join(configure)})", level=3)
+            if ext.kind == "cuda":
+                configure.append(f"-DCMAKE_CUDA_COMPILER={tools['nvcc']}")
+            else:
+                configure.append(f"-DCMAKE_CXX_COMPILER={tools['cxx']}")
+            self.announce(f"zopro-kernels: building {library} ({' '.join(configure)})", level=3)
             subprocess.run(configure, check=True)
             subprocess.run([tools["cmake"], "--build", build], check=True)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(build) / LIBRARY, target)
+            shutil.copyfile(Path(build) / library, target)
             os.chmod(target, 0o755)
 
 
-tools, why = cuda_build_plan()
-if tools is None:
-    print(f"zopro-kernels: pure-Python install, CUDA library not built: {why}", file=sys.stderr)
-    ext_modules = []
-else:
-    print(f"zopro-kernels: building the CUDA library of csrc/ ({why})", file=sys.stderr)
-    ext_modules = [CMakeExtension(EXTENSION)]
+ext_modules = []
+for kind, extension, plan in (("cpu", CPU_EXTENSION, cpu_build_plan), ("cuda", EXTENSION, cuda_build_plan)):
+    tools, why = plan()
+    library = LIBRARIES[extension]
+    if tools is None:
+        print(f"zopro-kernels: {library} not built: {why}", file=sys.stderr)
+    else:
+        print(f"zopro-kernels: building {library} of csrc/ ({why})", file=sys.stderr)
+        ext_modules.append(CMakeExtension(extension, kind, tools))
+if not ext_modules:
+    print("zopro-kernels: pure-Python install", file=sys.stderr)
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildCMake})

@@ -2,6 +2,7 @@
 // (counter = index / 4), grid-strided; the same normals4 as the pass kernel.
 #include <cuda_runtime.h>
 
+#include "device_guard.cuh"
 #include "philox.cuh"
 #include "zopro.h"
 
@@ -38,8 +39,8 @@ ZOPRO_EXPORT int32_t zopro_noise(float* out, uint64_t seed, int64_t start, int64
   if (start < 0 || numel < 0) return ZOPRO_ERR_BAD_SIZE;
   if (numel == 0) return 0;
   if (!out) return ZOPRO_ERR_NULL_POINTER;
-  cudaError_t err = cudaSetDevice(device);
-  if (err != cudaSuccess) return err;
+  const DeviceGuard guard(device);  // the caller's current device is restored on return
+  if (guard.error() != cudaSuccess) return guard.error();
   const int64_t first = start / 4, groups = (start + numel - 1) / 4 - first + 1;
   const int64_t blocks = (groups + kNoiseThreads - 1) / kNoiseThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);

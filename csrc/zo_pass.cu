@@ -7,6 +7,7 @@
 // a fixed order (warp shuffles, then one warp): deterministic, no atomics.
 #include <cuda_runtime.h>
 
+#include "device_guard.cuh"
 #include "zo_pass.cuh"
 #include "zopro.h"
 
@@ -150,8 +151,8 @@ ZOPRO_EXPORT int32_t zopro_zo_pass(int32_t model_dtype, const int64_t* chunks, i
                                    partials, seed, reduce_seed, flags);
   if (const int32_t bad = check_pass_args(model_dtype, p, num_chunks)) return bad;
   if (num_chunks == 0 || !(flags & (ZOPRO_APPLY | ZOPRO_REDUCE))) return 0;
-  cudaError_t err = cudaSetDevice(device);
-  if (err != cudaSuccess) return err;
+  const DeviceGuard guard(device);  // the caller's current device is restored on return
+  if (guard.error() != cudaSuccess) return guard.error();
   dispatch<LaunchPass>(model_dtype, flags, p, num_chunks, static_cast<cudaStream_t>(stream));
   return cudaGetLastError();
 }
@@ -178,7 +179,8 @@ ZOPRO_EXPORT int32_t zopro_check_device(int32_t device) {
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) return err;
   if (device < 0 || device >= count) return cudaErrorInvalidDevice;
-  if ((err = cudaSetDevice(device)) != cudaSuccess) return err;
+  const DeviceGuard guard(device);  // the caller's current device is restored on return
+  if (guard.error() != cudaSuccess) return guard.error();
   cudaFuncAttributes attributes;
   err = cudaFuncGetAttributes(&attributes, probe_kernel);
   if (err != cudaSuccess) return err;

@@ -27,6 +27,21 @@ if _triton_ok():
         if HAS_CUDA
         else pytest.param(("triton", "cpu"), id="triton-interp")
     )
+
+
+def _cpu_library_reason():
+    from zopro_kernels import native
+
+    return native.cpu_unavailable_reason()
+
+
+# The compiled CPU backend (libzopro_cpu.so): skipped, with the loader's reason, where not built.
+CPU_LIBRARY_REASON = _cpu_library_reason()
+KERNEL_TARGETS.append(
+    pytest.param(("cpu", "cpu"), id="cpu")
+    if CPU_LIBRARY_REASON is None
+    else pytest.param(("cpu", "cpu"), id="cpu", marks=pytest.mark.skip(reason=CPU_LIBRARY_REASON))
+)
 ALL_TARGETS = [pytest.param(("torch", "cpu"), id="torch-cpu")] + KERNEL_TARGETS
 
 
@@ -49,6 +64,6 @@ def target(request):
     return request.param
 
 
-@pytest.fixture(params=KERNEL_TARGETS or [pytest.param(None, marks=pytest.mark.skip("no Triton"))])
+@pytest.fixture(params=KERNEL_TARGETS)
 def kernel_target(request):
     return request.param

@@ -30,10 +30,38 @@ def test_bench_passes_smoke(tmp_path):
     rows = bench_passes.main(["--arch", "tiny", "--device", "cpu", "--backend", "torch", "--reps", "2",
                               "--out", str(tmp_path)])
     (result,) = tmp_path.glob("passes-*.json")
+    assert result.name.startswith("passes-cpu-torch-")
     data = json.loads(result.read_text())
-    assert data["environment"]["torch"] and len(data["results"]) == len(rows) == 14
-    assert all(r["median_ms"] > 0 for r in rows)
-    assert result.with_suffix(".md").read_text().count("| tiny |") == 14
+    assert data["environment"]["torch"] and len(data["results"]) == len(rows) == 15
+    assert all(r["median_ms"] > 0 and r["ns/value"] > 0 for r in rows)
+    assert [t["target"] for t in data["targets"]][0] == "guided perturb ≤ 100 ms"
+    assert result.with_suffix(".md").read_text().count("| tiny |") == 15 + len(data["targets"])
+
+
+def test_bench_passes_cpu_backends_and_thread_scaling_in_one_run(tmp_path):
+    """--backend cpu torch --threads 1 2: every backend and baseline timed at each thread count in
+    one process, one passes-cpu-<date> file with the scaling and the CPU targets ("auto" stands
+    in for "cpu": the compiled backend where it is built, else the reference)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_passes
+    finally:
+        sys.path.pop(0)
+    before = torch.get_num_threads()
+    rows = bench_passes.main(["--arch", "tiny", "--device", "cpu", "--backend", "auto", "torch", "--threads", "1", "2",
+                              "--reps", "1", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == before
+    (result,) = tmp_path.glob("passes-*.json")
+    assert re.fullmatch(r"passes-cpu-\d{4}-\d{2}-\d{2}\.json", result.name)
+    data = json.loads(result.read_text())
+    per_count = 1 + 2 * 11 + 3  # copy, 11 rows per backend, 3 baselines
+    assert len(rows) == 2 * per_count and sorted({r["threads"] for r in rows}) == [1, 2]
+    assert {r["backend"] for r in rows} == {None, "auto", "torch"}
+    assert len(data["scaling"]) == per_count and all(s["speedup"] > 0 for s in data["scaling"])
+    assert len(data["targets"]) == 2 * 3 and {t["threads"] for t in data["targets"]} == {2}
+    text = result.with_suffix(".md").read_text()
+    assert "Thread scaling (1 → 2 threads)" in text and "CPU targets" in text
+    assert "| tiny | 2 | auto: zopro (fp32 guidance) perturb |" in text
 
 
 def test_guided_vs_unguided_example(tmp_path):

@@ -3,8 +3,10 @@
 CPU-runnable: the library compiles with the default architectures (skipped without nvcc/cmake/
 ninja), exports its C ABI, matches the Python side's ABI version, and its loader and
 ``cuda_unavailable_reason`` say why the backend can't run. The pass logic itself runs on the CPU
-too: every op has a host kernel executing the same per-item code (csrc/zo_pass.cuh) on host
-memory, checked here against the float64 reference through the same harness as test_passes.py.
+too: the library has a host execution of the same per-item code (csrc/zo_pass.cuh) on host
+memory, which ``backend="cuda"`` runs for CPU tensors here (``host_cuda``), checked against the
+float64 reference through the same harness as test_passes.py. (The ops' own CPU kernels run the
+``cpu`` backend's library, csrc/cpu/: see test_cpu_backend.py.)
 
 GPU (marked ``gpu``): the CUDA kernels against the float64 reference and against Triton for every
 pass, dtype, granularity, odd sizes and many tiny tensors; bit-exact restore; the optimizer end
@@ -285,7 +287,7 @@ def test_import_queries_no_device():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-# ---- the kernels' code on the host (CPU kernels of the ops) ----------------------------------
+# ---- the kernels' code on the host (the library's host execution) ---------------------------
 
 
 def test_philox_words_bit_for_bit(use_library):
@@ -301,7 +303,7 @@ def test_philox_words_bit_for_bit(use_library):
 
 @pytest.fixture
 def host_cuda(use_library, monkeypatch):
-    """backend='cuda' on CPU tensors: the ops' host kernels (same per-item code as the GPU)."""
+    """backend='cuda' on CPU tensors: the library's host execution (same per-item code as the GPU)."""
     import zopro_kernels.engine as engine_module
     noise_module = sys.modules["zopro_kernels.noise"]  # the package exports the function as .noise
     from zopro_kernels.backends.cuda_backend import CudaBackend
@@ -464,22 +466,27 @@ def test_optimizer_end_to_end_matches_torch_backend(cuda_target):
 
 
 def _op_args(device, dtype=torch.bfloat16):
-    from zopro_kernels.backends.cuda_backend import arena_shifts
-
     params = [torch.randn(s, device=device).to(dtype) for s in ((3, 5), (64,), (1000,))]
     pset = ZOPrO(params, backend="torch")._ensure_engine().sets[0]
     tables = pset.kernel_tables(256)
     reward = torch.randn(pset.numel, device=device)
     coefs = torch.tensor([[0.0, 1.0, 0.5, 1e-2, 1.0]] * 3, device=device)
     flags = native.APPLY | native.HAS_MASTER | native.WRITE_MASTER | native.HAS_REWARD | native.REDUCE
-    return (pset.params, tables["chunks"], tables["tensor_starts"], arena_shifts(pset, tables), coefs,
+    return (pset.params, tables["chunks"], tables["tensor_starts"], tables["tensor_arena_shifts"], coefs,
             pset.master, None, reward, 5, 6, flags, 256)
+
+
+def _ops_cpu_kernels_need_the_cpu_library(device):
+    """The ops' CPU kernels run libzopro_cpu.so (the cpu backend), not this library's host code."""
+    if device == "cpu" and native.cpu_unavailable_reason() is not None:
+        pytest.skip(f"the ops' CPU kernels need the CPU library: {native.cpu_unavailable_reason()}")
 
 
 def test_opcheck(cuda_target):
     from zopro_kernels.backends import cuda_backend  # noqa: F401  (registers the ops)
 
     _, device = cuda_target
+    _ops_cpu_kernels_need_the_cpu_library(device)
     torch.library.opcheck(torch.ops.zopro.zo_pass_.default, _op_args(device))
     torch.library.opcheck(torch.ops.zopro.noise.default, (SEED, 5, 1001, torch.device(device)))
 
@@ -502,6 +509,7 @@ def test_torch_compile_calls_the_op(cuda_target):
     """fullgraph torch.compile of the mutating op: same partials and the same written tensors."""
     from zopro_kernels.backends import cuda_backend  # noqa: F401
 
+    _ops_cpu_kernels_need_the_cpu_library(cuda_target[1])
     args = _op_args(cuda_target[1])
     eager_params = [p.clone() for p in args[0]]
     eager_args = (eager_params,) + tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args[1:])
@@ -543,3 +551,19 @@ def test_cuda_matches_triton(use_library, dtype, granularity):
 def test_cuda_is_available_on_this_gpu(use_library):
     assert cuda_unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
     assert "cuda" in zk.available_backends("cuda", torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_library_leaves_the_callers_current_device_as_it_found_it(use_library):
+    """Called directly (no torch guard around it), the library switches to the device it is given
+    and back: the caller's current device is unchanged afterwards (csrc/device_guard.cuh)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    torch.cuda.set_device(0)
+    out = torch.empty(1000, device="cuda:1")
+    assert use_library.zopro_noise(out.data_ptr(), SEED, 0, 1000, 1, None) == 0  # legacy stream of cuda:1
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0
+    assert use_library.zopro_check_device(1) == 0 and torch.cuda.current_device() == 0
+    assert torch.equal(out.cpu(), zk.noise(SEED, 0, 1000, device="cuda:1", backend="cuda").cpu())
+    assert torch.cuda.current_device() == 0

@@ -68,10 +68,18 @@ def _sharded_worker(rank, world, store, out, granularity, backend):
     dist.destroy_process_group()
 
 
+def _cpu_library_reason():
+    from zopro_kernels import native
+
+    return native.cpu_unavailable_reason()
+
+
 @pytest.mark.parametrize(
     "world,granularity,backend",
-    [(2, "tensor", "torch"), (3, "global", "torch"), (3, "tensor", "triton")],
-    ids=["2-tensor-torch", "3-global-torch", "3-tensor-triton"],
+    [(2, "tensor", "torch"), (3, "global", "torch"), (3, "tensor", "triton"),
+     pytest.param(3, "tensor", "cpu", marks=pytest.mark.skipif(_cpu_library_reason() is not None,
+                                                               reason=str(_cpu_library_reason())))],
+    ids=["2-tensor-torch", "3-global-torch", "3-tensor-triton", "3-tensor-cpu"],
 )
 def test_sharded_run_equals_single_process(tmp_path, world, granularity, backend):
     if backend == "triton":
@@ -80,10 +88,11 @@ def test_sharded_run_equals_single_process(tmp_path, world, granularity, backend
     mp.spawn(_sharded_worker, args=(world, tmp_path / "store", out, granularity, backend), nprocs=world)
     result = torch.load(out)
     sharded = result["params"]
-    # Layout check, then per step (J₊, J₋, seed, step) and the [P, 2] reduce sums; ‖Δπ‖², ‖ΔR‖²
-    # ([P] each) after each guidance change. Counted per parameter tensor, never per value.
+    # Layout check (seed, step, numel, count, shape/dtype hash), then per step (J₊, J₋, seed, step)
+    # and the [P, 2] reduce sums; ‖Δπ‖², ‖ΔR‖² ([P] each) after each guidance change. Counted per
+    # parameter tensor, never per value.
     P = len(SHAPES)
-    assert result["bytes"] == 32 + STEPS * (32 + P * 2 * 8) + 2 * (2 * P * 8)
+    assert result["bytes"] == 40 + STEPS * (32 + P * 2 * 8) + 2 * (2 * P * 8)
     single = single_process_run(granularity, backend)
     for a, b in zip(sharded, single):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -3,7 +3,10 @@
 ``torch``  : the reference, per tensor, float64 capable, any device.
 ``triton`` : one launch per pass over all tensors (GPU; CPU under TRITON_INTERPRET=1).
 ``cuda``   : compiled kernels from csrc/ (libzopro_csrc.so, built by pip install . where nvcc is).
-``auto``   : triton for CUDA tensors when Triton is installed, else torch.
+``cpu``    : compiled CPU passes from csrc/cpu/ (libzopro_cpu.so, built by pip install . where a
+             C++ compiler is): threaded, vectorised Philox; fp32/bf16/fp16 CPU tensors.
+``auto``   : triton for CUDA tensors when Triton is installed; cpu for CPU tensors when the CPU
+             library is built (not for float64); else torch.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -59,10 +62,29 @@ def cuda_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | N
     arch = native.arch_reason(torch.cuda.get_device_capability(index), archs)
     if arch is not None:
         return f"{arch} ({torch.cuda.get_device_name(index)})"
-    code = lib.zopro_check_device(index)
+    from .ops import cuda_device_scope
+
+    with cuda_device_scope(index):
+        code = lib.zopro_check_device(index)
     if code != 0:
         return f"the CUDA library cannot run on cuda:{index}: {lib.zopro_error_string(code).decode()}"
     return None
+
+
+def cpu_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the compiled CPU backend cannot run tensors of this device and dtype (None if it can):
+    float64, tensors on another device, or the library not built (and how to build it)."""
+    from .. import native
+
+    if dtype == torch.float64:
+        return "the CPU kernels take fp32/bf16/fp16 parameters (float64 uses backend='torch')"
+    reasons = []
+    if device.type != "cpu":
+        reasons.append(f"it runs CPU tensors only, these are on {device}")
+    library = native.cpu_unavailable_reason()
+    if library is not None:
+        reasons.append(library)
+    return "; ".join(reasons) if reasons else None
 
 
 def available_backends(device="cuda", dtype=torch.float32) -> list[str]:
@@ -73,6 +95,8 @@ def available_backends(device="cuda", dtype=torch.float32) -> list[str]:
         found.append("triton")
     if cuda_unavailable_reason(device, dtype) is None:
         found.append("cuda")
+    if cpu_unavailable_reason(device, dtype) is None:
+        found.append("cpu")
     return found
 
 
@@ -83,11 +107,14 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype):
     if name == "auto":
         if device.type == "cuda" and triton_unavailable_reason(device, dtype) is None:
             name = "triton"
+        elif device.type == "cpu" and cpu_unavailable_reason(device, dtype) is None:
+            name = "cpu"
         else:
             name = "torch"
     reason = {
         "triton": triton_unavailable_reason,
         "cuda": cuda_unavailable_reason,
+        "cpu": cpu_unavailable_reason,
     }.get(name, lambda *_: None)(device, dtype)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run {dtype} parameters on {device}: {reason}")
@@ -99,6 +126,10 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype):
         from .cuda_backend import CudaBackend
 
         return CudaBackend()
+    if name == "cpu":
+        from .cpu_backend import CpuBackend
+
+        return CpuBackend()
     from .torch_backend import TorchBackend
 
     return TorchBackend()

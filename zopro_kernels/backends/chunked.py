@@ -1,5 +1,5 @@
-"""What the chunk-table backends (triton, cuda) share: the tables and coefficients a pass takes, and
-the deterministic per-tensor sum of its per-chunk partials."""
+"""What the chunk-table backends (triton, cuda, cpu) share: the tables and coefficients a pass takes, the
+csrc/zopro.h flags, and the deterministic per-tensor sum of per-chunk partials."""
 
 import torch
 
@@ -26,3 +26,21 @@ def sum_chunk_partials(partials: torch.Tensor, tables: dict) -> torch.Tensor:
     order (deterministic, no atomics). Gather index len(chunks) points at an appended zero row."""
     padded = torch.cat((partials, partials.new_zeros(1, 2)))
     return padded[tables["gather"]].sum(dim=1)
+
+
+def pass_flags(pset, tables: dict, apply: bool, write_master: bool, use_policy: bool, reduce_seed, seed) -> int:
+    """The csrc/zopro.h flag bits of one pass (GUIDANCE_BF16 is added from the arenas' dtype)."""
+    from .. import native
+
+    has_master = pset.master is not None
+    reduce = reduce_seed is not None
+    return (
+        (native.APPLY if apply else 0)
+        | (native.HAS_MASTER if has_master else 0)
+        | (native.WRITE_MASTER if write_master and has_master else 0)
+        | (native.HAS_POLICY if use_policy else 0)
+        | (native.HAS_REWARD if pset.reward_delta is not None else 0)
+        | (native.REDUCE if reduce else 0)
+        | (native.REDUCE_SAME_SEED if reduce and reduce_seed == seed else 0)
+        | (native.ALIGNED if tables["aligned"] else 0)
+    )
