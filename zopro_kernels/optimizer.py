@@ -54,7 +54,7 @@ class ZOPrO(torch.optim.Optimizer):
             ``mark_iteration`` calls; guidance before any such iteration then needs this argument.
         granularity: "tensor" (projection and ‖Δπ‖ rescale per tensor, as the authors'
             implementation and the paper's numbers) or "global" (over the whole vector, as eq. 2 is written).
-        backend: "auto", "torch", "triton" or "cuda".
+        backend: "auto", "torch", "triton", "cuda" or "cpu" (compiled CPU passes; "auto" picks it for CPU tensors when built).
         master_weights: keep an fp32 master copy so ±εz restores weights bit for bit (default).
             ``False`` perturbs the model's tensors in place: less memory, but 16-bit weights drift.
         guidance_dtype: storage of Δπ and ΔR: fp32 (default) or bf16, which halves their memory
