@@ -1,6 +1,8 @@
 """What the chunk-table backends (triton, cuda, cpu) share: the tables and coefficients a pass takes, the
 csrc/zopro.h flags, and the deterministic per-tensor sum of per-chunk partials."""
 
+import os
+
 import torch
 
 COEF_COLUMNS = 5  # a, b, c, scale, keep (triton_ops/zo_pass.py, csrc/zopro.h)
@@ -44,3 +46,12 @@ def pass_flags(pset, tables: dict, apply: bool, write_master: bool, use_policy: 
         | (native.REDUCE_SAME_SEED if reduce and reduce_seed == seed else 0)
         | (native.ALIGNED if tables["aligned"] else 0)
     )
+
+
+def block_from_env(variable: str, default: int, minimum: int) -> int:
+    """Indices per chunk row: ``default``, or the power of two >= ``minimum`` set in ``variable``
+    (results do not depend on it beyond the reduction order)."""
+    block = int(os.environ.get(variable, default))
+    if block < minimum or block & (block - 1):
+        raise ValueError(f"{variable} must be a power of two >= {minimum}, got {block}")
+    return block

@@ -12,12 +12,11 @@ from per-chunk fp32 partials: the same bits for any thread count (and any ISA).
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from .. import native
-from .chunked import COEF_COLUMNS, pass_flags
+from .chunked import COEF_COLUMNS, block_from_env, pass_flags
 from .ops import cpu_noise, dtype_code, guidance_flag, ptr
 
 DEFAULT_BLOCK = 4096  # global indices per chunk row: one thread's unit of work
@@ -26,10 +25,7 @@ DEFAULT_BLOCK = 4096  # global indices per chunk row: one thread's unit of work
 def block_size() -> int:
     """Indices per chunk row. ``ZOPRO_CPU_BLOCK`` overrides it (a power of two >= 64); results do
     not depend on it beyond the reduction order."""
-    block = int(os.environ.get("ZOPRO_CPU_BLOCK", DEFAULT_BLOCK))
-    if block < 64 or block & (block - 1):
-        raise ValueError(f"ZOPRO_CPU_BLOCK must be a power of two >= 64, got {block}")
-    return block
+    return block_from_env("ZOPRO_CPU_BLOCK", DEFAULT_BLOCK, minimum=64)
 
 
 class CpuBackend:

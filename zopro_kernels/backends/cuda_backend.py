@@ -14,11 +14,10 @@ call (``zopro_kernels.native``).
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-from .chunked import pass_flags, prepare_chunked_pass, sum_chunk_partials
+from .chunked import block_from_env, pass_flags, prepare_chunked_pass, sum_chunk_partials
 from .ops import cuda_library_noise, noise_op, run_cuda_library_pass, zo_pass_  # noqa: F401 (the ops, re-exported)
 
 DEFAULT_BLOCK = 4096  # global indices per CTA (one chunk row): 256 threads x 2 items of 8
@@ -27,10 +26,7 @@ DEFAULT_BLOCK = 4096  # global indices per CTA (one chunk row): 256 threads x 2 
 def block_size() -> int:
     """Indices per chunk row. ``ZOPRO_CUDA_BLOCK`` overrides it (a power of two >= 16); results do
     not depend on it beyond the reduction order."""
-    block = int(os.environ.get("ZOPRO_CUDA_BLOCK", DEFAULT_BLOCK))
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"ZOPRO_CUDA_BLOCK must be a power of two >= 16, got {block}")
-    return block
+    return block_from_env("ZOPRO_CUDA_BLOCK", DEFAULT_BLOCK, minimum=16)
 
 
 class CudaBackend:

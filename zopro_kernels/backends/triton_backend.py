@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .chunked import prepare_chunked_pass, sum_chunk_partials
+from .chunked import block_from_env, prepare_chunked_pass, sum_chunk_partials
 
 DEFAULT_BLOCK = 2048
 NUM_WARPS = 8
@@ -15,10 +15,7 @@ NUM_WARPS = 8
 def block_size() -> int:
     """Elements per program. ``ZOPRO_TRITON_BLOCK`` overrides it (the interpreter is faster with
     small blocks); results do not depend on it beyond reduction order."""
-    block = int(os.environ.get("ZOPRO_TRITON_BLOCK", DEFAULT_BLOCK))
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"ZOPRO_TRITON_BLOCK must be a power of two >= 16, got {block}")
-    return block
+    return block_from_env("ZOPRO_TRITON_BLOCK", DEFAULT_BLOCK, minimum=16)
 
 
 def _triton_dtypes(dtype: torch.dtype):
