@@ -37,12 +37,12 @@ class HostTraffic:
         return counted
 
 
-def guided_run(device, steps_before, steps_after, traffic_factory=None):
+def guided_run(device, steps_before, steps_after, traffic_factory=None, **options):
     torch.manual_seed(0)
     params = [torch.randn(64, 8, device=device), torch.randn(300, device=device), torch.randn(5, device=device)]
     target = [torch.randn_like(p) for p in params]
     groups = [{"params": params[:2]}, {"params": params[2:], "lr": 5e-3}]
-    opt = ZOPrO(groups, lr=1e-2, eps=1e-3, backend="torch", steps_per_iteration=8, direction_norm="noise")
+    opt = ZOPrO(groups, lr=1e-2, eps=1e-3, backend="torch", steps_per_iteration=8, direction_norm="noise", **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
     closure = lambda: float(sum((p - t).double().square().sum() for p, t in zip(params, target)))  # noqa: E731
     opt.mark_iteration()
@@ -60,11 +60,12 @@ def guided_run(device, steps_before, steps_after, traffic_factory=None):
     return traffic, [p.clone() for p in params]
 
 
-def test_a_step_reads_nothing_back_and_builds_no_tensor_from_python_numbers(monkeypatch):
-    traffic, after = guided_run("cpu", 2, 6, lambda: HostTraffic(monkeypatch))
+@pytest.mark.parametrize("options", [{}, {"max_projected_grad": 0.5}], ids=["plain", "bounded-g"])
+def test_a_step_reads_nothing_back_and_builds_no_tensor_from_python_numbers(monkeypatch, options):
+    traffic, after = guided_run("cpu", 2, 6, lambda: HostTraffic(monkeypatch), **options)
     assert traffic.calls == []
     monkeypatch.undo()
-    _, plain = guided_run("cpu", 2, 6)
+    _, plain = guided_run("cpu", 2, 6, **options)
     assert all(torch.equal(a, b) for a, b in zip(after, plain))  # the patch observed, it did not change
 
 
@@ -91,7 +92,7 @@ def test_no_sync_on_gpu_with_a_scheduler_and_a_float_closure():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     params = [torch.randn(64, 8, device="cuda"), torch.randn(300, device="cuda")]
-    opt = ZOPrO(params, lr=1e-2, eps=1e-3, steps_per_iteration=8, direction_norm="noise")
+    opt = ZOPrO(params, lr=1e-2, eps=1e-3, steps_per_iteration=8, direction_norm="noise", max_projected_grad=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
     losses = iter(range(10**6))
     closure = lambda: float(next(losses) % 7)  # noqa: E731 - a float computed on the host

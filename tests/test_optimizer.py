@@ -405,6 +405,9 @@ def test_peft_model_parameters_train_the_adapters_only():
         (dict(alpha=1.5), ValueError, "alpha"),
         (dict(steps_per_iteration=0), ValueError, "steps_per_iteration"),
         (dict(seed=-3), ValueError, "seed"),
+        (dict(max_projected_grad=0.0), ValueError, "max_projected_grad"),
+        (dict(max_projected_grad=float("inf")), ValueError, "max_projected_grad"),
+        (dict(max_projected_grad=True), ValueError, "max_projected_grad"),
     ],
     ids=lambda v: str(v) if isinstance(v, str) else None,
 )
@@ -465,6 +468,38 @@ def test_step_returns_mean_loss_and_records_the_step():
     loss = opt.step(lambda: next(values))
     assert float(loss) == 2.0
     assert float(opt.last_step["projected_grad"]) == pytest.approx((3.0 - 1.0) / (2 * 0.5))
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+def test_max_projected_grad_takes_the_step_of_the_bound(guided):
+    """A bound |g| ≤ c: a step that measured g = ±50 moves θ exactly as a step that measured ±c;
+    one under the bound moves exactly as without it; the binding steps are counted and saved."""
+
+    def run(values, **kwargs):
+        torch.manual_seed(3)
+        params = [torch.randn(7, 5, dtype=torch.float64), torch.randn(11, dtype=torch.float64)]
+        opt = ZOPrO(params, lr=1e-2, eps=0.5, backend="torch", steps_per_iteration=4, **kwargs)
+        if guided:
+            opt.set_guidance(policy_delta=[torch.randn_like(p) for p in params],
+                             reward_delta=[torch.randn_like(p) for p in params])
+        calls = iter(values)
+        for _ in range(len(values) // 2):
+            opt.step(lambda: next(calls))  # eps 0.5: g = J₊ − J₋ exactly
+        return params, opt
+
+    bounded, opt = run([50.0, 0.0, -50.0, 0.0, 1.5, 0.0], max_projected_grad=2.0)
+    reference, _ = run([2.0, 0.0, -2.0, 0.0, 1.5, 0.0])
+    assert all(torch.equal(a, b) for a, b in zip(bounded, reference))
+    unbounded, _ = run([50.0, 0.0, -50.0, 0.0, 1.5, 0.0])
+    assert not any(torch.equal(a, b) for a, b in zip(bounded, unbounded))
+    assert opt.clipped_steps == 2
+    assert float(opt.last_step["projected_grad"]) == 1.5 and not bool(opt.last_step["clipped"])
+    state = opt.state_dict()
+    assert state["zopro"]["clipped_steps"] == 2
+    again = ZOPrO([torch.zeros(7, 5, dtype=torch.float64), torch.zeros(11, dtype=torch.float64)], backend="torch",
+                  max_projected_grad=2.0)
+    again.load_state_dict(state)
+    assert again.clipped_steps == 2
 
 
 def test_micro_batch_accumulation_in_the_closure_equals_full_batch():

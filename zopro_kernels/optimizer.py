@@ -30,6 +30,23 @@ def dist_size(group) -> int:
 
     return dist.get_world_size(group)
 
+class StepCounter:
+    """A count of steps kept on the device between reads: adding never syncs; reading folds it in."""
+
+    def __init__(self, value: int = 0):
+        self._host, self._device = int(value), None
+
+    def add(self, flags: torch.Tensor):
+        self._device = flags if self._device is None else self._device + flags
+
+    @property
+    def value(self) -> int:
+        if self._device is not None:
+            self._host += int(self._device)
+            self._device = None
+        return self._host
+
+
 STATE_FORMAT = 1
 CONSISTENCY_CHECK_EVERY = 100  # steps between host-side checks that processes agree (no sync otherwise)
 _ARENAS = ("master", "policy_delta", "reward_delta", "snapshot")
@@ -66,6 +83,11 @@ class ZOPrO(torch.optim.Optimizer):
         directions: q, the number of two-sided estimates per step (n-SPSA): the update is the mean
             of q estimates g_i z_i, each with its own seed (2q closure calls per step). q = 1 is
             the default and the plain method.
+        max_projected_grad: a bound on |g| = |J₊ − J₋| / 2ε, the step's measured directional
+            derivative (None: no bound, the default). Under ``direction_norm="noise"`` ‖z‖ ≈ √d, so
+            it bounds every update's length to lr·max_projected_grad·√d: a trust region against
+            the rare batch whose g is orders of magnitude above the usual ones. ``clipped_steps``
+            counts the steps where it bound; the loop logs g per step to choose it from.
         process_group: the torch.distributed group of a data-parallel or sharded run (default:
             the world group when torch.distributed is initialised). Only scalars cross it per
             step (see ``distributed.py``); every process must call ``step``, ``set_guidance``,
@@ -88,6 +110,7 @@ class ZOPrO(torch.optim.Optimizer):
         guidance_dtype: torch.dtype = torch.float32,
         direction_norm: str = "policy_delta",
         directions: int = 1,
+        max_projected_grad: float | None = None,
         process_group=None,
     ):
         if seed is not None:
@@ -109,6 +132,10 @@ class ZOPrO(torch.optim.Optimizer):
             raise ValueError(f"directions must be a positive int, got {directions!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if max_projected_grad is not None and (isinstance(max_projected_grad, bool)
+                                               or not isinstance(max_projected_grad, numbers.Real)
+                                               or not max_projected_grad > 0 or math.isinf(max_projected_grad)):
+            raise ValueError(f"max_projected_grad must be a finite number > 0 or None, got {max_projected_grad!r}")
         self._engine = None
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
         self.process_group = default_process_group(process_group)
@@ -121,11 +148,12 @@ class ZOPrO(torch.optim.Optimizer):
         self.guidance_dtype = guidance_dtype
         self.direction_norm = direction_norm
         self.directions = directions
+        self.max_projected_grad = None if max_projected_grad is None else float(max_projected_grad)
         self._warned_still = False
         self.global_step = 0
         self.iteration_step = 0
-        self._nonfinite_steps = 0  # folded in from the device-side count when read (no sync per step)
-        self._nonfinite_device = None
+        self._nonfinite = StepCounter()  # steps with a NaN/inf loss
+        self._clipped = StepCounter()  # steps where max_projected_grad bound
         self._hyper_cache = None
         self._hyper_rows = None  # per set: each tensor's param-group index, on the set's device
         self._marked = False  # mark_iteration has recorded a snapshot
@@ -332,12 +360,17 @@ class ZOPrO(torch.optim.Optimizer):
         finites = [torch.isfinite(lp) & torch.isfinite(lm) for _, lp, lm in estimates]
         any_finite = finites[0] if q == 1 else torch.stack(finites).any()
         fused = q == 1 and not self.master_weights  # the update continues from θ₀ − εz
+        limit = self.max_projected_grad
+        clipped = None if limit is None else torch.zeros((), dtype=torch.bool, device=engine.home)
         for i, ((coefs, loss_plus, loss_minus), finite) in enumerate(zip(estimates, finites)):
             half_difference = torch.where(finite, (loss_plus - loss_minus) / 2, 0.0)
             scales, keeps = [], []
             for s, (lr, eps_t, wd) in zip(engine.sets, hyper):
                 ok = finite.to(s.device)
                 grad = half_difference.to(s.device) / eps_t  # g per tensor: (J₊ − J₋) / 2ε
+                if limit is not None:  # the trust region: on the device, no host read
+                    clipped = clipped | (grad.abs() > limit).any().to(engine.home)
+                    grad = grad.clamp(-limit, limit)
                 if q > 1:
                     grad = grad / q  # the mean of q estimates g_i z_i
                 # weight decay once per step, with the first direction's pass
@@ -352,7 +385,9 @@ class ZOPrO(torch.optim.Optimizer):
             apply(seeds[i], coefs, scales, keeps, write_master=True, next_seed=next_seed)
 
         skipped = (~torch.stack(finites).all()).to(torch.int64)
-        self._nonfinite_device = skipped if self._nonfinite_device is None else self._nonfinite_device + skipped
+        self._nonfinite.add(skipped)
+        if clipped is not None:
+            self._clipped.add(clipped.to(torch.int64))
         loss_plus = torch.stack([lp for _, lp, _ in estimates]).mean()
         loss_minus = torch.stack([lm for _, _, lm in estimates]).mean()
         finite_all = torch.isfinite(loss_plus) & torch.isfinite(loss_minus)
@@ -362,7 +397,8 @@ class ZOPrO(torch.optim.Optimizer):
             "loss_plus": loss_plus,
             "loss_minus": loss_minus,
             "projected_grad": torch.where(finite_all, (loss_plus - loss_minus) / 2, 0.0)
-            / float(self.param_groups[0]["eps"]),
+            / float(self.param_groups[0]["eps"]),  # as measured, before max_projected_grad
+            "clipped": False if clipped is None else clipped.bool(),
         }
         self.global_step += 1
         self.iteration_step += 1
@@ -391,10 +427,12 @@ class ZOPrO(torch.optim.Optimizer):
     @property
     def nonfinite_steps(self) -> int:
         """Steps whose loss was NaN/inf and whose update was skipped."""
-        if self._nonfinite_device is not None:
-            self._nonfinite_steps += int(self._nonfinite_device)
-            self._nonfinite_device = None
-        return self._nonfinite_steps
+        return self._nonfinite.value
+
+    @property
+    def clipped_steps(self) -> int:
+        """Steps where ``max_projected_grad`` bound |g| (for some tensor or direction)."""
+        return self._clipped.value
 
     @property
     def communicated_bytes(self) -> int:
@@ -569,6 +607,7 @@ class ZOPrO(torch.optim.Optimizer):
             "global_step": self.global_step,
             "iteration_step": self.iteration_step,
             "nonfinite_steps": self.nonfinite_steps,
+            "clipped_steps": self.clipped_steps,
             "granularity": self.granularity,
             "master_weights": self.master_weights,
             "direction_norm": self.direction_norm,
@@ -634,6 +673,6 @@ class ZOPrO(torch.optim.Optimizer):
         self.seed = run["seed"]
         self.global_step = run["global_step"]
         self.iteration_step = run["iteration_step"]
-        self._nonfinite_steps = run["nonfinite_steps"]
-        self._nonfinite_device = None
+        self._nonfinite = StepCounter(run["nonfinite_steps"])
+        self._clipped = StepCounter(run.get("clipped_steps", 0))  # absent from states saved before the bound existed
         self._hyper_cache = None

@@ -216,3 +216,22 @@ def test_a_time_budget_ends_the_run_after_the_step_that_spends_it(tmp_path):
     assert trainer.history[-1]["stopped"] == "time_budget"
     with pytest.raises(ValueError, match="time_budget_s must be > 0"):
         tiny_config(tmp_path, time_budget_s=0)
+
+
+def test_max_projected_grad_bounds_every_zo_step_of_the_loop(tmp_path):
+    """The config's bound reaches the optimizer: with a bound far below the measured g, every ZO
+    step logs g_clipped and moves θ by lr·bound·‖z‖ at most (‖z‖ = √d under "noise")."""
+    bound = 1e-3
+    recorder = RecordingRecorder()
+    run(tmp_path, recorder=recorder, iterations=1, steps_per_iteration=2, optimizer="mezo", first_iteration="spsa",
+        reward_warmup=False, spsa_lr=1.0, max_projected_grad=bound, snapshot_every=1)
+    steps = [m for m in read_metrics(tmp_path) if "step" in m]
+    assert steps and all(m["g_clipped"] == (abs(m["g"]) > bound) for m in steps)
+    assert any(m["g_clipped"] for m in steps)
+    snapshots = [t for role, t, _, _ in recorder.calls if role == "policy"]
+    d = sum(t.numel() for t in snapshots[0].values())
+    for before, after in zip(snapshots, snapshots[1:]):
+        moved = math.sqrt(sum(float((after[k].double() - before[k].double()).square().sum()) for k in before))
+        assert moved <= 1.0 * bound * math.sqrt(d) * 1.5  # ‖u‖/√d of one draw: within 1.5 for d in the thousands
+    with pytest.raises(ValueError, match="max_projected_grad"):
+        tiny_config(tmp_path, max_projected_grad=0.0)

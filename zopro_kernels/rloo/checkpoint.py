@@ -43,6 +43,7 @@ RESUME_MUST_MATCH = (
     "num_generations", "max_completion_length", "max_prompt_tokens", "max_length", "temperature", "top_k",
     "top_p", "beta", "objective", "clip", "logprob_chunk", "num_iterations", "reward_model", "reward_funcs",
     "optimizer", "first_iteration", "prompt_fraction", "batch_prompts", "steps_per_iteration", "lr",
+    "max_projected_grad",
     "direction_norm", "rescale_guided_lr", "directions", "spsa_lr", "eps", "adamw_lr", "weight_decay",
     "alpha", "granularity",
     "guided", "judge_queries", "trim_delta", "link", "weibull_shape", "two_sided", "perturbation", "blocks",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -113,6 +114,7 @@ class TrainConfig:
     # Only with "policy_delta": η_t = lr·‖Δπ_0‖²/‖Δπ_{t−1}‖² keeps iteration 1's step size.
     rescale_guided_lr: bool = False
     directions: int = 1                    # q two-sided estimates per ZO step (n-SPSA), averaged
+    max_projected_grad: float | None = None  # ZO modes: |g| bounded to this (a trust region: update ≤ lr·bound·√d); None: off
     spsa_lr: float = 1e-6                  # unguided SPSA steps (‖z‖ ≈ √d)
     eps: float = 1e-3
     adamw_lr: float = 1e-4
@@ -204,6 +206,8 @@ class TrainConfig:
             raise ValueError(f"judge_temperature must be > 0, got {self.judge_temperature}")
         if self.rank_policies < 2 or (self.optimizer == "zorank" and self.two_sided and self.rank_policies % 2):
             raise ValueError(f"rank_policies must be ≥ 2 (even with two_sided: ± pairs), got {self.rank_policies}")
+        if self.max_projected_grad is not None and not 0 < self.max_projected_grad < math.inf:
+            raise ValueError(f"max_projected_grad must be a finite number > 0 or null, got {self.max_projected_grad}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
         for name in ("iterations", "batch_prompts", "reward_epochs", "reward_batch_size", "logprob_chunk",

@@ -85,6 +85,9 @@ KEYS: dict[str, tuple[str, str]] = {
     "rescale_guided_lr": ("With `policy_delta`: η_t = lr·‖Δπ_0‖²/‖Δπ_{t−1}‖² keeps iteration 1's step size.",
                           OURS),
     "directions": ("Two-sided estimates per ZO step (n-SPSA), averaged.", OURS),
+    "max_projected_grad": ("ZO modes: a bound on the size of g = (J₊ − J₋)/2ε, so no step moves θ by more than "
+                           "lr·bound·√d (`direction_norm: noise`); each step logs g and `g_clipped`. Null: no bound.",
+                           OURS),
     "spsa_lr": ("Step size of unguided SPSA steps.", OURS),
     "eps": ("ZO perturbation ε (θ ± εz; the preference modes' unit-sphere radius is μ = ε√d).", OURS),
     "adamw_lr": ("AdamW's learning rate (first-order iterations and the `adamw` mode).",
@@ -182,9 +185,9 @@ def main(argv=None) -> int:
         print("usage: python -m zopro_kernels.rloo.configdoc docs/config.md", file=sys.stderr)
         return 2
     with open(argv[0], encoding="utf-8") as handle:
-        document = handle.read()
+        document = render(handle.read())  # before the file is opened for writing: an error leaves it whole
     with open(argv[0], "w", encoding="utf-8") as handle:
-        handle.write(render(document))
+        handle.write(document)
     return 0
 
 

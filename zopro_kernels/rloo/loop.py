@@ -209,7 +209,7 @@ class RLOOTrainer:
         return ZOPrO(self.pair.named_policy_parameters(), lr=c.lr, eps=c.eps, seed=c.seed,
                      weight_decay=c.weight_decay, alpha=c.alpha, steps_per_iteration=self.optimizer_steps,
                      granularity=c.granularity, direction_norm=c.direction_norm, directions=c.directions,
-                     process_group=self.parallel.group)
+                     max_projected_grad=c.max_projected_grad, process_group=self.parallel.group)
 
     def iteration_mode(self, iteration: int) -> str:
         c = self.config
@@ -349,7 +349,7 @@ class RLOOTrainer:
         loss = self.zo.step(closure)  # J₊, J₋ averaged over the processes inside ZOPrO
         last = self.zo.last_step
         return {"J": float(loss), "J_plus": float(last["loss_plus"]), "J_minus": float(last["loss_minus"]),
-                "g": float(last["projected_grad"]), "alpha": float(last["alpha"]),
+                "g": float(last["projected_grad"]), "g_clipped": bool(last["clipped"]), "alpha": float(last["alpha"]),
                 "lr": self.zo.param_groups[0]["lr"], "nonfinite_steps": int(self.zo.nonfinite_steps)}
 
     def guided_lr(self) -> float:
@@ -613,6 +613,8 @@ class RLOOTrainer:
         groups = [(self.zo, {"lr": c.lr, "eps": c.eps, "weight_decay": c.weight_decay}),
                   (self.adamw, {"adamw_lr": c.adamw_lr, "weight_decay": c.weight_decay}),
                   (self.reward_adamw, {"reward_lr": c.reward_lr})]
+        if self.zo is not None and "max_projected_grad" in differences:
+            self.zo.max_projected_grad = c.max_projected_grad
         for optimizer, settings in groups:
             for key, value in settings.items():
                 if optimizer is not None and key in differences:
