@@ -235,3 +235,16 @@ def test_max_projected_grad_bounds_every_zo_step_of_the_loop(tmp_path):
         assert moved <= 1.0 * bound * math.sqrt(d) * 1.5  # ‖u‖/√d of one draw: within 1.5 for d in the thousands
     with pytest.raises(ValueError, match="max_projected_grad"):
         tiny_config(tmp_path, max_projected_grad=0.0)
+
+
+@pytest.mark.parametrize("optimizer", ["mezo", "zpg"])
+def test_the_backend_key_reaches_the_zo_passes(tmp_path, optimizer):
+    from zopro_kernels.rloo.config import TrainConfig
+    from zopro_kernels.rloo.loop import RLOOTrainer
+
+    extra = dict(reward_model=False, reward_funcs=[]) if optimizer == "zpg" else {}
+    config = tiny_config(tmp_path, optimizer=optimizer, backend="torch", **extra)
+    trainer = RLOOTrainer(config, make_pair(), PROMPTS, word_count_judge())
+    assert trainer.zo.backend == "torch"
+    with pytest.raises(ValueError, match="backend 'jax'"):
+        TrainConfig(**(tiny_config(tmp_path).to_dict() | {"backend": "jax"}))

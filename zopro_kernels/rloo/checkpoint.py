@@ -25,10 +25,10 @@ from .config import TrainConfig, canonical_keys
 # TrainConfig keys a resume may change: where the outputs go and how they are shown, where and
 # how fast the run computes, and how long it runs (extending ``iterations`` is how a finished run
 # goes on). The steps, samples, rewards and weights that the resumed iterations compute do not
-# depend on them (``device`` and ``threads`` only through float rounding: moving a run to another
+# depend on them (``device``, ``backend`` and ``threads`` only through float rounding: moving a run to another
 # machine is legitimate, not a different run).
 RESUME_MAY_CHANGE = ("output_dir", "cache_dir", "progress", "plot", "save_adapters", "report_to", "logging_dir",
-                     "snapshot_every", "device", "threads", "time_budget_s", "iterations")
+                     "snapshot_every", "device", "backend", "threads", "time_budget_s", "iterations")
 # Every other key decides the trajectory: what is trained on, the model and adapters, sampling,
 # objective, optimiser and reward-model settings, the seed, and the held-out splits (which also
 # decide the training prompts) and their paired evaluations. A resume whose config differs from

@@ -14,6 +14,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+from ..backends import BACKENDS
 from ..direction import DIRECTION_NORMS
 from .judges import LLMPairwiseJudge
 from .links import LINKS
@@ -145,6 +146,7 @@ class TrainConfig:
 
     # bookkeeping
     device: str = "auto"                   # "auto": this process's GPU (LOCAL_RANK under torchrun) if any, else cpu
+    backend: str = "auto"                  # ZO passes: "auto" (fastest built), "torch" (reference), "cpu", "triton", "cuda"
     time_budget_s: float | None = None     # end the run after this much training time (held-out evals excluded)
     seed: int = 0
     eval_prompts: int = 64                 # held-out prompts scored before and after each iteration
@@ -206,6 +208,8 @@ class TrainConfig:
             raise ValueError(f"judge_temperature must be > 0, got {self.judge_temperature}")
         if self.rank_policies < 2 or (self.optimizer == "zorank" and self.two_sided and self.rank_policies % 2):
             raise ValueError(f"rank_policies must be ≥ 2 (even with two_sided: ± pairs), got {self.rank_policies}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
         if self.max_projected_grad is not None and not 0 < self.max_projected_grad < math.inf:
             raise ValueError(f"max_projected_grad must be a finite number > 0 or null, got {self.max_projected_grad}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:

@@ -119,6 +119,9 @@ KEYS: dict[str, tuple[str, str]] = {
     "judge_temperature": ("Judge `simulated:<score>`: τ of P(a ≻ b) = σ((s_a − s_b)/τ).", OURS),
     # bookkeeping
     "device": ("`auto`: this process's GPU (`LOCAL_RANK` under torchrun) if any, else cpu.", OURS),
+    "backend": ("The ZO passes' backend (`ZOPrO(backend=...)`): `auto` picks the fastest that is built; `torch` is "
+                "the float64-capable reference, whose noise the CPU runs before the `cpu` backend existed used.",
+                OURS),
     "time_budget_s": ("End the run after this much training time (held-out evaluations excluded).", OURS),
     "seed": ("Seeds prompts' shuffle, LoRA init, sampling and ZO noise.",
              "same (`TrainingArguments`; its default is 42)"),

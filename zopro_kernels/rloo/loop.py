@@ -209,7 +209,7 @@ class RLOOTrainer:
         return ZOPrO(self.pair.named_policy_parameters(), lr=c.lr, eps=c.eps, seed=c.seed,
                      weight_decay=c.weight_decay, alpha=c.alpha, steps_per_iteration=self.optimizer_steps,
                      granularity=c.granularity, direction_norm=c.direction_norm, directions=c.directions,
-                     max_projected_grad=c.max_projected_grad, process_group=self.parallel.group)
+                     max_projected_grad=c.max_projected_grad, backend=c.backend, process_group=self.parallel.group)
 
     def iteration_mode(self, iteration: int) -> str:
         c = self.config

@@ -408,7 +408,8 @@ class PreferenceLoop:
         self.passes = PreferencePasses(trainer.pair.named_policy_parameters(), lr=c.lr, eps=c.eps, seed=c.seed,
                                        weight_decay=c.weight_decay, alpha=c.alpha,
                                        steps_per_iteration=trainer.optimizer_steps, granularity=c.granularity,
-                                       direction_norm=c.direction_norm, process_group=trainer.parallel.group)
+                                       direction_norm=c.direction_norm, backend=c.backend,
+                                       process_group=trainer.parallel.group)
         self.estimator = PreferenceEstimator(self.passes, self.settings)
 
     def mode(self, iteration: int) -> str:
