@@ -49,6 +49,13 @@ def _init(rank, world, store):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
+def _finish():
+    """Tear the group down together: a rank that destroys it and exits while the other still uses
+    it can abort the other ("terminate called without an active exception", seen intermittently)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _sharded_worker(rank, world, store, out, granularity, backend):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -65,7 +72,7 @@ def _sharded_worker(rank, world, store, out, granularity, backend):
     full = [p.full_tensor() for p in sharded]
     if rank == 0:
         torch.save({"params": full, "bytes": opt.communicated_bytes}, out)
-    dist.destroy_process_group()
+    _finish()
 
 
 def _cpu_library_reason():
@@ -151,7 +158,7 @@ def _data_parallel_worker(rank, world, store, out, sizes):
                          "calls": counted.calls}
     if rank == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -194,7 +201,7 @@ def _mismatch_worker(rank, world, store, out, what="seed"):
     except RuntimeError as err:
         message = str(err)
     torch.save(message, f"{out}.{rank}")
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.mark.parametrize("what", ["seed", "shape", "dtype"])
@@ -210,7 +217,7 @@ def _seed_broadcast_worker(rank, world, store, out):
     _init(rank, world, store)
     opt = ZOPrO([torch.zeros(3)], seed=None)
     torch.save(opt.seed, f"{out}.{rank}")
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_seed_none_is_drawn_once_and_broadcast(tmp_path):
@@ -249,7 +256,7 @@ def _fsdp_worker(rank, world, store, out):
     full = [p.full_tensor() for p in model.parameters()]
     if rank == 0:
         torch.save(full, out)
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_fsdp2_fully_sharded_model_equals_single_process(tmp_path):

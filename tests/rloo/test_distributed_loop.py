@@ -58,6 +58,7 @@ def _loop_worker(rank, world, store, out, optimizer):
     torch.save({"final": final, "recorder_calls": recorder.calls, "counters": trainer.counters,
                 "zo_bytes": trainer.zo.communicated_bytes if trainer.zo is not None else 0},
                out / f"rank{rank}.pt")
+    dist.barrier()  # tear the group down together (a rank exiting early can abort the other)
     dist.destroy_process_group()
 
 
@@ -104,6 +105,7 @@ def _refine_worker(rank, world, store, out, counts):
     losses = refine_reward_model(pair, pairs, reward_optimizer(pair, 1e-2), epochs=2, batch_size=3, seed=5,
                                  parallel=DataParallel())
     torch.save({"reward": pair.reward_tensors(), "losses": losses}, out / f"refine{rank}.pt")
+    dist.barrier()  # tear the group down together (a rank exiting early can abort the other)
     dist.destroy_process_group()
 
 
@@ -153,6 +155,7 @@ def _disagreement_worker(rank, world, store, out):
         except (RuntimeError, ValueError) as error:
             messages[name] = str(error)
     torch.save(messages, out / f"messages{rank}.pt")
+    dist.barrier()  # tear the group down together (a rank exiting early can abort the other)
     dist.destroy_process_group()
 
 
