@@ -103,3 +103,13 @@ def test_configdoc_refuses_an_undocumented_key(monkeypatch):
     monkeypatch.delitem(configdoc.KEYS, "clip")
     with pytest.raises(ValueError, match=r"undocumented \['clip'\]"):
         configdoc.table()
+
+
+def test_configdoc_leaves_the_file_whole_when_it_fails(monkeypatch, tmp_path):
+    document = tmp_path / "config.md"
+    document.write_text(f"intro\n{configdoc.BEGIN}\nold table\n{configdoc.END}\n", encoding="utf-8")
+    before = document.read_text(encoding="utf-8")
+    monkeypatch.delitem(configdoc.KEYS, "clip")
+    with pytest.raises(ValueError, match="undocumented"):
+        configdoc.main([str(document)])
+    assert document.read_text(encoding="utf-8") == before
