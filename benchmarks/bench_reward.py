@@ -56,6 +56,8 @@ REWARD_MODES = {"model": {"reward_model": True, "reward_funcs": []},
                 "functions": {"reward_model": False, "reward_funcs": ["judge"]}}
 RUN_RECORD = "bench_run.json"  # written by launch() next to the run's metrics
 BOOTSTRAP = 4000
+# the shared start run (iteration 0): 3 rollouts × 4 AdamW steps; sweep.py makes the same one
+START_SET = ["num_iterations=4", "steps_per_iteration=3"]
 
 
 # -- reading and statistics (pure) -------------------------------------------------------------
@@ -369,7 +371,7 @@ def parse_args(argv):
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "quality.yaml"))
     parser.add_argument("--reward-mode", choices=sorted(REWARD_MODES), default="functions")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys (all runs)")
-    parser.add_argument("--start-set", nargs="*", default=["num_iterations=4", "steps_per_iteration=3"], metavar="KEY=VALUE",
+    parser.add_argument("--start-set", nargs="*", default=START_SET, metavar="KEY=VALUE",
                         help="override keys of the shared first-order iteration 0 only")
     parser.add_argument("--settings", help="JSON {method: {key: value}} (the sweep's choice) or a sweep results file")
     parser.add_argument("--methods", nargs="+", default=list(RLOO_METHODS), choices=METHODS,

@@ -103,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "quality.yaml"))
     parser.add_argument("--reward-mode", choices=sorted(bench_reward.REWARD_MODES), default="functions")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--start-set", nargs="*", default=["num_iterations=4", "steps_per_iteration=3"], metavar="KEY=VALUE")
+    parser.add_argument("--start-set", nargs="*", default=bench_reward.START_SET, metavar="KEY=VALUE")
     parser.add_argument("--grid", action="append", required=True, help="method:key=v1,v2[:key=...]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")

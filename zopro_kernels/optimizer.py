@@ -30,6 +30,7 @@ def dist_size(group) -> int:
 
     return dist.get_world_size(group)
 
+
 class StepCounter:
     """A count of steps kept on the device between reads: adding never syncs; reading folds it in."""
 
@@ -398,7 +399,7 @@ class ZOPrO(torch.optim.Optimizer):
             "loss_minus": loss_minus,
             "projected_grad": torch.where(finite_all, (loss_plus - loss_minus) / 2, 0.0)
             / float(self.param_groups[0]["eps"]),  # as measured, before max_projected_grad
-            "clipped": False if clipped is None else clipped.bool(),
+            "clipped": False if clipped is None else clipped,
         }
         self.global_step += 1
         self.iteration_step += 1
