@@ -476,7 +476,8 @@ def test_sweep_grids_points_and_choice(tmp_path):
     assert gain["final"] == pytest.approx(0.4) and gain["interval"]["low"] == pytest.approx(0.2)
 
 
-def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
+def _tiny_task(tmp_path, settings: dict) -> Path:
+    """The tiny Llama and the test prompts on disk, and a config file naming them (VADER judge)."""
     pytest.importorskip("peft")
     pytest.importorskip("vaderSentiment")
     yaml = pytest.importorskip("yaml")
@@ -486,15 +487,20 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    config = {"model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts.jsonl"), "judge": "vader",
-              "num_generations": 2, "max_completion_length": 3, "max_prompt_tokens": 8, "max_length": 32, "batch_prompts": 2,
+    config = {"model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts.jsonl"), "judge": "vader"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config | settings))
+    return tmp_path / "config.yaml"
+
+
+def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
+    config = {"num_generations": 2, "max_completion_length": 3, "max_prompt_tokens": 8, "max_length": 32, "batch_prompts": 2,
               "steps_per_iteration": 1, "num_iterations": 2, "prompt_fraction": 0.25, "lora_r": 4, "lora_alpha": 8,
               "reward_epochs": 1, "eval_prompts": 4, "validation_prompts": 4, "num_generations_eval": 2,
               "reward_warmup": False, "threads": 1, "adamw_lr": 0.05, "lr": 0.01, "spsa_lr": 0.01, "eps": 0.01}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    config_path = _tiny_task(tmp_path, config)
     bench_reward, sweep = _bench("bench_reward"), _bench("sweep")
     runs, out = tmp_path / "runs", tmp_path / "results"
-    common = ["--config", str(tmp_path / "config.yaml"), "--start-set", "num_iterations=3", "--threads", "1",
+    common = ["--config", str(config_path), "--start-set", "num_iterations=3", "--threads", "1",
               "--runs-dir", str(runs), "--out", str(out)]
     args = common + ["--reward-mode", "functions", "--methods", "zopro", "mezo", "--seeds", "3"]
     result = bench_reward.main(args)
@@ -568,3 +574,34 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     assert len(rows) == 2 and all(math.isfinite(r["along_policy_delta"]) and math.isfinite(r["random"]) for r in rows)
     assert summary["along_policy_delta"]["mean"] == pytest.approx(sum(r["along_policy_delta"] for r in rows) / 2)
     assert 0 <= summary["random"]["continue_share"] <= 1
+
+
+def test_reward_model_study_wilson_interval_matches_hand_computed_values():
+    study = _bench("reward_model_study")
+    low, high = study.wilson(5, 10)  # p = 0.5, n = 10: centre 0.5, half-width 1.96·√(0.025 + 0.0096)/1.384
+    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert study.wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and study.wilson(10, 10)[1] == pytest.approx(1.0)
+    assert all(math.isnan(v) for v in study.wilson(0, 0))
+
+
+def test_reward_model_study_fits_every_setting_from_the_same_start(tmp_path):
+    config_path = _tiny_task(tmp_path, {"max_completion_length": 3, "max_prompt_tokens": 8, "max_length": 32,
+                                        "lora_r": 4, "lora_alpha": 8, "eval_prompts": 4, "validation_prompts": 4,
+                                        "reward_batch_size": 2, "threads": 1})
+    study = _bench("reward_model_study")
+    args = ["--config", str(config_path), "--warmup", "6", "12", "--lr", "0.01", "0.01",
+            "--test-rounds", "2", "--threads", "1", "--out", str(tmp_path)]
+    rows = study.main(args)
+    assert [(r["warmup_prompts"], r["lr"]) for r in rows] == [(6, 0.01), (6, 0.01), (12, 0.01), (12, 0.01)]
+    # the same setting twice gives the same fit: each starts from R's initialisation, not the last fit
+    for first, again in (rows[0:2], rows[2:4]):
+        assert {k: v for k, v in first.items() if k != "fit_seconds"} == {
+            k: v for k, v in again.items() if k != "fit_seconds"}
+    assert 0 < rows[0]["pairs"] < rows[2]["pairs"] <= 12  # a prefix of the pool, ties dropped
+    assert all(r["low"] <= r["test_accuracy"] <= r["high"] and math.isfinite(r["bt_loss_last"]) for r in rows)
+    (path,) = tmp_path.glob("reward-model-*.json")
+    data = json.loads(path.read_text())
+    assert data["results"] == json.loads(json.dumps(rows)) and 0 < data["test_pairs"] <= 8
+    assert path.with_suffix(".md").read_text().count("| 6 |") == 2
+    with pytest.raises(SystemExit, match="validation split"):
+        study.main(args + ["--set", "validation_prompts=0"])
