@@ -164,6 +164,47 @@ def aggregate(runs: dict[str, dict[int, list[dict]]], start_step: dict[int, int]
     return {"step_budget": step_budget, "start_step": start_step, "methods": methods, "paired": paired}
 
 
+def phase_costs(config: dict, records: list[dict], start_step: int) -> dict:
+    """What a method's phase (steps from ``start_step`` on) cost, from its config and step records:
+
+    - ``completions``: sequences generated. RLOO: N·k per rollout; ``zpg``/``zbcpg``: 2N per step;
+      ``zorank``: m·N per step (N = ``batch_prompts``, k = ``num_generations``, m = ``rank_policies``);
+    - ``judge_queries``: what the judge was asked for the training signal. RLOO with the judge as a
+      reward function: one score per completion; RLOO with a reward model: the refinement's
+      comparisons; the preference methods: the comparisons they recorded. (Held-out evaluations and
+      the judge's score logged as a metric are not counted.)
+    - ``sequence_passes``: policy-sized passes over one sequence, a generation counted as one (KV
+      cache) and a backward as two: RLOO per rollout N·k × (generation, π_old, reference, + the
+      reward model), per ZO step 2·q·N·k (J₊ and J₋ of q directions), per AdamW step 3·N·k; the
+      preference methods generate only;
+    - ``peak_memory_bytes``: the largest of the phase's step records.
+    """
+    steps = [r for r in records if r.get("event") is None and "step" in r and r["step"] >= start_step]
+    iterations = [r for r in records if r.get("event") == "iteration" and r.get("global_step", 0) > start_step]
+    method, n = config["optimizer"], config["batch_prompts"]
+    if method in PREFERENCE_METHODS:
+        per_step = config.get("rank_policies", 4) * n if method == "zorank" else 2 * n
+        completions = per_step * len(steps)
+        judge = sum(int(r.get("judge_queries", 0)) for r in steps)
+        passes = completions
+    else:
+        k = config["num_generations"]
+        rollouts = len({(r["iteration"], r["rollout"]) for r in steps})
+        completions = rollouts * n * k
+        judge = (completions if "judge" in config.get("reward_funcs", []) else 0) + (
+            sum(int(r.get("pairs", 0)) + int(r.get("judge_ties", 0)) + int(r.get("judge_failures", 0))
+                for r in iterations) if config.get("reward_model") else 0)
+        per_step = 3 if method == "adamw" else 2 * config.get("directions", 1)
+        passes = completions * (3 + bool(config.get("reward_model"))) + per_step * n * k * len(steps)
+    return {"steps": len(steps), "completions": completions, "judge_queries": judge, "sequence_passes": passes,
+            "peak_memory_bytes": max((int(r.get("peak_memory_bytes", 0)) for r in steps), default=0)}
+
+
+def read_records(metrics_path) -> list[dict]:
+    with open(metrics_path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def mean_std(values) -> dict:
     values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not values:
@@ -321,6 +362,18 @@ def markdown(result: dict, checks: list[dict], env: dict, config: dict, settings
     for method, m in result["methods"].items():
         lines.append(f"| {method} | {_pm(m['start'])} | {_pm(m['final'])} | {_ci(m['gain'])} | {_ci(m['phase_gain'])} "
                      f"| {_ci(m['gain_at_equal_steps'])} | {_pm(m['train_seconds'], '.0f')} | {_pm(m['gain_per_hour'])} |")
+    if all("costs" in m for m in result["methods"].values()):
+        lines += ["", "What each method's phase cost (mean over seeds; `phase_costs`: a generation counts as one "
+                  "sequence pass, a backward as two; judge queries are the training signal's):", "",
+                  "| method | steps | completions | judge queries | sequence passes | peak memory MiB "
+                  "| phase gain per 100 judge queries |", "|---|---|---|---|---|---|---|"]
+        for method, m in result["methods"].items():
+            cost, gain = m["costs"], m["phase_gain"]["mean"]
+            queries = cost["judge_queries"]["mean"]
+            per = f"{100 * gain / queries:+.4f}" if queries and gain is not None else "—"
+            lines.append(f"| {method} | {cost['steps']['mean']:.0f} | {cost['completions']['mean']:.0f} "
+                         f"| {queries:.0f} | {cost['sequence_passes']['mean']:.0f} "
+                         f"| {cost['peak_memory_bytes']['mean'] / 2**20:.0f} | {per} |")
     if result["paired"]:
         lines += ["", "Paired on the same held-out prompts and samples (same seed), ZOPrO minus the other, at equal "
                   f"steps (step {result['step_budget']}):", "", "| versus | difference | per seed |", "|---|---|---|"]
@@ -427,6 +480,14 @@ def main(argv=None):
     if not runs:
         raise SystemExit("no finished run to aggregate")
     result = aggregate(runs, start_step)
+    for c in configs:
+        method = result["methods"].get(c["optimizer"])
+        if method is not None and c["seed"] in method["per_seed"]:
+            method["per_seed"][c["seed"]]["costs"] = phase_costs(
+                c, read_records(Path(c["output_dir"]) / "metrics.jsonl"), start_step[c["seed"]])
+    for method in result["methods"].values():
+        method["costs"] = {key: mean_std(p["costs"][key] for p in method["per_seed"].values())
+                           for key in ("steps", "completions", "judge_queries", "sequence_passes", "peak_memory_bytes")}
     checks = target_checks(result)
     device = torch.device("cuda" if torch.cuda.is_available() and base.get("device", "auto") != "cpu" else "cpu")
     env = environment(device, command_argv(__file__, argv))

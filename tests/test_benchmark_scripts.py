@@ -528,12 +528,16 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     assert zo["gain"]["mean"] == pytest.approx(evals["zopro"][-1]["score"] - start["held_out"][0]["score"])
     assert result["paired"][0]["mean"] == pytest.approx(evals["zopro"][-1]["score"] - evals["mezo"][-1]["score"])
     assert 0 < zo["train_seconds"]["mean"] < 600
+    # its phase: one rollout of 2 prompts × k=2, scored by the judge, reused for 2 ZO steps
+    assert {k: v["mean"] for k, v in zo["costs"].items() if k != "peak_memory_bytes"} == {
+        "steps": 2, "completions": 4, "judge_queries": 4, "sequence_passes": 4 * 3 + 2 * 2 * 4}
     (path,) = out.glob("reward-*-functions-*.json")
     data = json.loads(path.read_text())
     assert data["reward_mode"] == "functions" and data["config"]["reward_model"] is False
     assert data["config"]["eval_prompts"] == 4 and data["config"]["reward_funcs"] == ["judge"]
     assert len(data["evaluations"]["zopro"]["3"]) == 3 and [r["returncode"] for r in data["runs"]] == [0, 0, 0]
     assert "| zopro |" in path.with_suffix(".md").read_text() and path.with_suffix(".png").stat().st_size > 1000
+    assert "| zopro | 2 | 4 | 4 | 28 |" in path.with_suffix(".md").read_text()  # the cost table
     record = start_dir / bench_reward.RUN_RECORD
     before = (record.stat().st_mtime_ns, record.read_text(), (start_dir / "metrics.jsonl").read_text())
 
@@ -605,3 +609,31 @@ def test_reward_model_study_fits_every_setting_from_the_same_start(tmp_path):
     assert path.with_suffix(".md").read_text().count("| 6 |") == 2
     with pytest.raises(SystemExit, match="validation split"):
         study.main(args + ["--set", "validation_prompts=0"])
+
+
+def test_phase_costs_count_what_each_method_spent_after_the_start():
+    bench_reward = _bench("bench_reward")
+    base = {"batch_prompts": 8, "num_generations": 4, "directions": 1, "rank_policies": 4,
+            "reward_model": False, "reward_funcs": ["judge"]}
+    start = [{"iteration": 0, "rollout": r, "step": 2 * r + i, "peak_memory_bytes": 9e9} for r in range(2) for i in range(2)]
+    start.append({"event": "iteration", "iteration": 0, "global_step": 4, "pairs": 50, "judge_ties": 3})
+    # the phase: 3 rollouts of N·k = 32 completions, each reused twice (6 ZO steps)
+    phase = [{"iteration": 1, "rollout": r, "step": 4 + 2 * r + i, "peak_memory_bytes": 100 + r}
+             for r in range(3) for i in range(2)]
+    refined = {"event": "iteration", "iteration": 1, "global_step": 10, "pairs": 20, "judge_ties": 3, "judge_failures": 1}
+    zopro = bench_reward.phase_costs(base | {"optimizer": "zopro"}, start + phase + [refined], 4)
+    # 96 completions, each scored by the judge; passes: 96 × (generation, π_old, reference) + 6 steps × 2 × 32
+    assert zopro == {"steps": 6, "completions": 96, "judge_queries": 96, "sequence_passes": 96 * 3 + 6 * 64,
+                     "peak_memory_bytes": 102}
+    model = base | {"optimizer": "adamw", "reward_model": True, "reward_funcs": []}
+    adamw = bench_reward.phase_costs(model, start + phase + [refined], 4)
+    # the reward model scores every completion (a 4th pass), AdamW's step is 3 passes, the judge only
+    # answers the refinement's 24 comparisons (pairs + ties + failures) of this phase, not the start's
+    assert (adamw["judge_queries"], adamw["sequence_passes"]) == (24, 96 * 4 + 6 * 3 * 32)
+    two = bench_reward.phase_costs(base | {"optimizer": "mezo", "directions": 2}, start + phase, 4)
+    assert two["sequence_passes"] == 96 * 3 + 6 * 4 * 32  # q = 2 directions: 4 objective passes a step
+    steps = [{"iteration": 1, "step": 4 + i, "judge_queries": 8 + i, "peak_memory_bytes": 50} for i in range(5)]
+    zpg = bench_reward.phase_costs(base | {"optimizer": "zpg"}, start + steps, 4)
+    assert zpg == {"steps": 5, "completions": 80, "judge_queries": 50, "sequence_passes": 80, "peak_memory_bytes": 50}
+    zorank = bench_reward.phase_costs(base | {"optimizer": "zorank", "rank_policies": 6}, start + steps, 4)
+    assert (zorank["completions"], zorank["sequence_passes"]) == (5 * 6 * 8, 5 * 6 * 8)
