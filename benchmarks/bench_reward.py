@@ -62,23 +62,27 @@ START_SET = ["num_iterations=4", "steps_per_iteration=3"]
 
 # -- reading and statistics (pure) -------------------------------------------------------------
 
+def read_records(metrics_path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order."""
+    with open(metrics_path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def read_evals(metrics_path, split: str = "held_out") -> list[dict]:
     """A run's evaluations of ``split`` in order: ``{"iteration", "step", "seconds", "score", "prompts"}``
     (``prompts``: the per-prompt mean scores, aligned from one evaluation to the next)."""
     evals = []
-    with open(metrics_path, encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line) if line.strip() else {}
-            if record.get("event") != "eval" or record.get("split", "held_out") != split:
-                continue
-            if "scores" not in record:
-                raise ValueError(f"{metrics_path}: eval records lack per-sample scores (an older loop); run again")
-            per_prompt = record["samples_per_prompt"]
-            scores = record["scores"]
-            evals.append({"iteration": record["iteration"], "step": record["global_step"],
-                          "seconds": record["train_seconds"], "score": record["task_score"],
-                          "prompts": [statistics.fmean(scores[i:i + per_prompt])
-                                      for i in range(0, len(scores), per_prompt)]})
+    for record in read_records(metrics_path):
+        if record.get("event") != "eval" or record.get("split", "held_out") != split:
+            continue
+        if "scores" not in record:
+            raise ValueError(f"{metrics_path}: eval records lack per-sample scores (an older loop); run again")
+        per_prompt = record["samples_per_prompt"]
+        scores = record["scores"]
+        evals.append({"iteration": record["iteration"], "step": record["global_step"],
+                      "seconds": record["train_seconds"], "score": record["task_score"],
+                      "prompts": [statistics.fmean(scores[i:i + per_prompt])
+                                  for i in range(0, len(scores), per_prompt)]})
     if not evals:
         raise ValueError(f"{metrics_path}: no {split} evaluation")
     return sorted(evals, key=lambda e: (e["step"], e["seconds"], e["iteration"]))
@@ -200,11 +204,6 @@ def phase_costs(config: dict, records: list[dict], start_step: int) -> dict:
             "peak_memory_bytes": max((int(r.get("peak_memory_bytes", 0)) for r in steps), default=0)}
 
 
-def read_records(metrics_path) -> list[dict]:
-    with open(metrics_path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def mean_std(values) -> dict:
     values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not values:
@@ -270,7 +269,7 @@ def finished(config: dict) -> bool:
     path = Path(config["output_dir"]) / "metrics.jsonl"
     if not path.exists():
         return False
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)
     done = [r for r in records if r.get("event") == "iteration"]
     return bool(done) and (done[-1]["iteration"] == config.get("iterations", 5) - 1 or "stopped" in done[-1]) \
         and records[-1].get("event") in ("eval", "iteration")
@@ -486,8 +485,8 @@ def main(argv=None):
             method["per_seed"][c["seed"]]["costs"] = phase_costs(
                 c, read_records(Path(c["output_dir"]) / "metrics.jsonl"), start_step[c["seed"]])
     for method in result["methods"].values():
-        method["costs"] = {key: mean_std(p["costs"][key] for p in method["per_seed"].values())
-                           for key in ("steps", "completions", "judge_queries", "sequence_passes", "peak_memory_bytes")}
+        per_seed = [p["costs"] for p in method["per_seed"].values()]
+        method["costs"] = {key: mean_std(costs[key] for costs in per_seed) for key in per_seed[0]}
     checks = target_checks(result)
     device = torch.device("cuda" if torch.cuda.is_available() and base.get("device", "auto") != "cpu" else "cpu")
     env = environment(device, command_argv(__file__, argv))
