@@ -23,7 +23,9 @@ Intervals are 95 % bootstrap intervals: per seed over prompts, and pooled over s
 two-level bootstrap (seeds, then prompts within a seed). Reported per method: held-out gain from
 the start (before iteration 0), gain over the ZO phase (from the start run's end), gain at equal
 steps, gain per hour of training, and paired ZOPrO − other differences on the same prompts and
-samples. Writes benchmarks/results/reward-<device>[-<tag>]-<date>.{json,md,png}.
+samples, at equal steps and at equal judge queries and sequence passes (``--zo-iterations-of
+zpg=2`` runs a method that is cheaper per step until it has spent what ZOPrO spends).
+Writes benchmarks/results/reward-<device>[-<tag>]-<date>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ RUN_RECORD = "bench_run.json"  # written by launch() next to the run's metrics
 BOOTSTRAP = 4000
 # the shared start run (iteration 0): 3 rollouts × 4 AdamW steps; sweep.py makes the same one
 START_SET = ["num_iterations=4", "steps_per_iteration=3"]
+COST_UNITS = ("judge_queries", "sequence_passes")  # the budgets besides steps that methods are compared at
 
 
 # -- reading and statistics (pure) -------------------------------------------------------------
@@ -165,7 +168,32 @@ def aggregate(runs: dict[str, dict[int, list[dict]]], start_step: dict[int, int]
                           | interval({s: differences(*at[s]) for s in shared}))
     for m in methods.values():
         m.pop("final_evals")
-    return {"step_budget": step_budget, "start_step": start_step, "methods": methods, "paired": paired}
+    return {"step_budget": step_budget, "start_step": start_step, "methods": methods, "paired": paired,
+            "paired_at_equal_cost": paired_at_equal_cost(runs)}
+
+
+def paired_at_equal_cost(runs: dict[str, dict[int, list[dict]]]) -> list[dict]:
+    """ZOPrO minus each other method at equal judge queries and at equal sequence passes: per seed,
+    ZOPrO's final evaluation against the other's last evaluation whose phase cost (``with_costs``)
+    is within ZOPrO's. A method cheaper per step compared this way needs more steps
+    (``--zo-iterations-of``); one dearer per step falls back to an earlier evaluation."""
+    paired = []
+    if "zopro" not in runs:
+        return paired
+    for unit in COST_UNITS:
+        for other in (m for m in runs if m != "zopro"):
+            shared = sorted(set(runs["zopro"]) & set(runs[other]))
+            if not shared or any(unit not in e for s in shared for e in runs["zopro"][s] + runs[other][s]):
+                continue
+            ours = {s: runs["zopro"][s][-1] for s in shared}
+            theirs = {s: eval_at(runs[other][s], unit, ours[s][unit]) for s in shared}
+            paired.append({"versus": other, "quantity": f"score_at_equal_{unit}",
+                           "budget": mean_std(ours[s][unit] for s in shared),
+                           "spent": mean_std(theirs[s][unit] for s in shared),
+                           "steps": mean_std(theirs[s]["step"] for s in shared),
+                           "per_seed": {s: statistics.fmean(differences(ours[s], theirs[s])) for s in shared}}
+                          | interval({s: differences(ours[s], theirs[s]) for s in shared}))
+    return paired
 
 
 def phase_costs(config: dict, records: list[dict], start_step: int) -> dict:
@@ -202,6 +230,16 @@ def phase_costs(config: dict, records: list[dict], start_step: int) -> dict:
         passes = completions * (3 + bool(config.get("reward_model"))) + per_step * n * k * len(steps)
     return {"steps": len(steps), "completions": completions, "judge_queries": judge, "sequence_passes": passes,
             "peak_memory_bytes": max((int(r.get("peak_memory_bytes", 0)) for r in steps), default=0)}
+
+
+def with_costs(config: dict, records: list[dict], evals: list[dict], start_step: int) -> list[dict]:
+    """``evals`` with what the phase had cost when each was taken (``COST_UNITS`` of ``phase_costs``;
+    0 up to the start): the x axis of a comparison at equal judge queries or sequence passes."""
+    def upto(step):  # the steps before the evaluation, the iterations (refinements) ending at it
+        return [r for r in records if (r.get("global_step", 0) <= step if r.get("event") == "iteration"
+                                       else r.get("step", 0) < step)]
+    return [e | {unit: phase_costs(config, upto(e["step"]), start_step)[unit] for unit in COST_UNITS}
+            for e in evals]
 
 
 def mean_std(values) -> dict:
@@ -379,6 +417,17 @@ def markdown(result: dict, checks: list[dict], env: dict, config: dict, settings
         for p in result["paired"]:
             per = ", ".join(f"{v:+.3f}" for v in p["per_seed"].values())
             lines.append(f"| {p['versus']} | {_ci(p)} | {per} |")
+    if result.get("paired_at_equal_cost"):
+        lines += ["", "Paired the same way at equal cost: ZOPrO's final evaluation against the other's last "
+                  "evaluation within ZOPrO's phase cost in that unit (evaluations are taken after each iteration, "
+                  "so a method dearer per step falls back to an earlier one):", "",
+                  "| versus | unit | ZOPrO's phase | the other's, at its evaluation (steps) | difference | per seed |",
+                  "|---|---|---|---|---|---|"]
+        for p in result["paired_at_equal_cost"]:
+            per = ", ".join(f"{v:+.3f}" for v in p["per_seed"].values())
+            unit = p["quantity"].removeprefix("score_at_equal_").replace("_", " ")
+            lines.append(f"| {p['versus']} | {unit} | {p['budget']['mean']:.0f} | {p['spent']['mean']:.0f} "
+                         f"({p['steps']['mean']:.0f}) | {_ci(p)} | {per} |")
     lines += ["", "Per seed (held-out score: start → parted → final):", ""]
     for method, m in result["methods"].items():
         per = "; ".join(f"seed {s}: {p['start']:.3f} → {p['parted']:.3f} → {p['final']:.3f}"
@@ -431,6 +480,9 @@ def parse_args(argv):
                              "need --reward-mode functions")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--zo-iterations", type=int, default=1, help="iterations after the shared iteration 0")
+    parser.add_argument("--zo-iterations-of", nargs="*", default=[], metavar="METHOD=N",
+                        help="a method's own --zo-iterations, e.g. zpg=2: a method cheaper per step run until it "
+                             "has spent what ZOPrO spends, for the comparison at equal judge queries")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-reward"))
@@ -440,6 +492,16 @@ def parse_args(argv):
     parser.add_argument("--aggregate-only", action="store_true", help="read the runs in --runs-dir, run nothing")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def parse_zo_iterations_of(items: list[str]) -> dict[str, int]:
+    parsed = {}
+    for item in items:
+        method, _, count = item.partition("=")
+        if method not in METHODS or not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"--zo-iterations-of {item!r}: expected METHOD=N with METHOD one of {METHODS}, N ≥ 1")
+        parsed[method] = int(count)
+    return parsed
 
 
 def load_settings(path: str | None) -> dict:
@@ -462,7 +524,8 @@ def main(argv=None):
     settings = load_settings(args.settings)
     runs_dir = Path(args.runs_dir).resolve() / args.reward_mode  # the runs' subprocesses work in ROOT
     starts = {s: start_config(base, parse_overrides(args.start_set), s, runs_dir, args.threads) for s in args.seeds}
-    configs = [method_config(base, settings, m, s, runs_dir, args.threads, args.zo_iterations)
+    zo_iterations = {m: args.zo_iterations for m in args.methods} | parse_zo_iterations_of(args.zo_iterations_of)
+    configs = [method_config(base, settings, m, s, runs_dir, args.threads, zo_iterations[m])
                for s in args.seeds for m in args.methods]
     started = time.perf_counter()
     if not args.aggregate_only:
@@ -472,8 +535,10 @@ def main(argv=None):
     runs, start_step = {}, {}
     for c in configs:
         if finished(c) and finished(starts[c["seed"]]):
-            runs.setdefault(c["optimizer"], {})[c["seed"]] = read_evals(Path(c["output_dir"]) / "metrics.jsonl")
+            metrics = Path(c["output_dir"]) / "metrics.jsonl"
             start_step[c["seed"]] = start_step_of(starts[c["seed"]])
+            runs.setdefault(c["optimizer"], {})[c["seed"]] = with_costs(
+                c, read_records(metrics), read_evals(metrics), start_step[c["seed"]])
         else:
             print(f"[bench] {c['output_dir']}: not finished, left out", flush=True)
     if not runs:

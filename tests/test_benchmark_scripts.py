@@ -502,7 +502,9 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "results"
     common = ["--config", str(config_path), "--start-set", "num_iterations=3", "--threads", "1",
               "--runs-dir", str(runs), "--out", str(out)]
-    args = common + ["--reward-mode", "functions", "--methods", "zopro", "mezo", "--seeds", "3"]
+    # MeZO runs one iteration more: compared at equal steps at ZOPrO's last step, at equal cost too
+    args = common + ["--reward-mode", "functions", "--methods", "zopro", "mezo", "--seeds", "3",
+                     "--zo-iterations-of", "mezo=2"]
     result = bench_reward.main(args)
 
     here = runs / "functions"
@@ -516,7 +518,8 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     for method in ("zopro", "mezo"):
         evals[method] = bench_reward.read_evals(here / f"{method}-seed3" / "metrics.jsonl")
         assert evals[method][:2] == start["held_out"]  # the start's evaluations, copied
-        assert [e["step"] for e in evals[method]] == [0, 3, 5]  # then one iteration of 1 rollout × 2 steps
+        # then iterations of 1 rollout × 2 steps: one for ZOPrO, two for MeZO
+        assert [e["step"] for e in evals[method]] == {"zopro": [0, 3, 5], "mezo": [0, 3, 5, 7]}[method]
         assert len(evals[method][-1]["prompts"]) == 4
         # the methods evaluate the held-out split only: their validation evaluations are the start's
         assert bench_reward.read_evals(here / f"{method}-seed3" / "metrics.jsonl", "validation") == start["validation"]
@@ -526,7 +529,13 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     assert zo["per_seed"][3]["start"] == pytest.approx(start["held_out"][0]["score"])
     assert zo["per_seed"][3]["parted"] == pytest.approx(start["held_out"][1]["score"])
     assert zo["gain"]["mean"] == pytest.approx(evals["zopro"][-1]["score"] - start["held_out"][0]["score"])
-    assert result["paired"][0]["mean"] == pytest.approx(evals["zopro"][-1]["score"] - evals["mezo"][-1]["score"])
+    assert result["paired"][0]["mean"] == pytest.approx(evals["zopro"][-1]["score"] - evals["mezo"][2]["score"])
+    # at equal cost MeZO is read at step 5 too (its step 7 spent more than ZOPrO's phase)
+    at_cost = {p["quantity"]: p for p in result["paired_at_equal_cost"]}
+    assert sorted(at_cost) == ["score_at_equal_judge_queries", "score_at_equal_sequence_passes"]
+    assert all(p["steps"]["mean"] == 5 and p["mean"] == pytest.approx(result["paired"][0]["mean"])
+               and p["budget"] == p["spent"] for p in at_cost.values())
+    assert result["methods"]["mezo"]["costs"]["steps"]["mean"] == 4
     assert 0 < zo["train_seconds"]["mean"] < 600
     # its phase: one rollout of 2 prompts × k=2, scored by the judge, reused for 2 ZO steps
     assert {k: v["mean"] for k, v in zo["costs"].items() if k != "peak_memory_bytes"} == {
@@ -538,6 +547,7 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     assert len(data["evaluations"]["zopro"]["3"]) == 3 and [r["returncode"] for r in data["runs"]] == [0, 0, 0]
     assert "| zopro |" in path.with_suffix(".md").read_text() and path.with_suffix(".png").stat().st_size > 1000
     assert "| zopro | 2 | 4 | 4 | 28 |" in path.with_suffix(".md").read_text()  # the cost table
+    assert "| mezo | judge queries | 4 | 4 (5) |" in path.with_suffix(".md").read_text()
     record = start_dir / bench_reward.RUN_RECORD
     before = (record.stat().st_mtime_ns, record.read_text(), (start_dir / "metrics.jsonl").read_text())
 
@@ -637,3 +647,50 @@ def test_phase_costs_count_what_each_method_spent_after_the_start():
     assert zpg == {"steps": 5, "completions": 80, "judge_queries": 50, "sequence_passes": 80, "peak_memory_bytes": 50}
     zorank = bench_reward.phase_costs(base | {"optimizer": "zorank", "rank_policies": 6}, start + steps, 4)
     assert (zorank["completions"], zorank["sequence_passes"]) == (5 * 6 * 8, 5 * 6 * 8)
+
+
+def test_costs_at_each_evaluation_and_the_comparison_at_equal_cost():
+    bench_reward = _bench("bench_reward")
+    approx = pytest.approx
+    base = {"batch_prompts": 8, "num_generations": 4, "directions": 1, "reward_model": False, "reward_funcs": ["judge"]}
+    start = [{"iteration": 0, "rollout": 0, "step": i} for i in range(4)]
+    # ZOPrO: 2 rollouts of 32 completions, each reused twice, evaluated after the start (step 4) and at 6, 8
+    phase = [{"iteration": 1, "rollout": r, "step": 4 + 2 * r + i} for r in range(2) for i in range(2)]
+    evals = [_ev(0, 0, [0.0]), _ev(4, 40, [0.0]), _ev(6, 50, [0.0]), _ev(8, 60, [0.0])]
+    costed = bench_reward.with_costs(base | {"optimizer": "zopro"}, start + phase, evals, 4)
+    assert [e["judge_queries"] for e in costed] == [0, 0, 32, 64]
+    assert [e["sequence_passes"] for e in costed] == [0, 0, 32 * 3 + 2 * 64, 64 * 3 + 4 * 64]
+    assert costed[2]["score"] == evals[2]["score"] and "judge_queries" not in evals[2]  # a copy
+    # zpg: 8 judge queries and 16 generations a step, evaluated at steps 6, 8, 10 (its second iteration)
+    steps = [{"iteration": 1 + (i >= 4), "step": 4 + i, "judge_queries": 8} for i in range(6)]
+    zpg = bench_reward.with_costs(base | {"optimizer": "zpg"}, start + steps,
+                                  [_ev(0, 0, [0.0]), _ev(4, 40, [0.0]), _ev(6, 50, [0.0]), _ev(8, 60, [0.0]),
+                                   _ev(10, 70, [0.0])], 4)
+    assert [e["judge_queries"] for e in zpg] == [0, 0, 16, 32, 48]
+    assert [e["sequence_passes"] for e in zpg] == [0, 0, 32, 64, 96]
+
+    def run(costs, finals):  # held-out evaluations with given (judge queries, passes) and scores of 2 prompts
+        head = [_ev(0, 0, [0.0, 0.2]) | dict.fromkeys(bench_reward.COST_UNITS, 0),
+                _ev(4, 40, [0.2, 0.4]) | dict.fromkeys(bench_reward.COST_UNITS, 0)]
+        return head + [_ev(6 + 2 * i, 50, p) | dict(zip(bench_reward.COST_UNITS, c)) for i, (c, p) in
+                       enumerate(zip(costs, finals))]
+
+    runs = {"zopro": {0: run([(32, 224), (64, 448)], [[0.3, 0.5], [0.6, 0.8]])},
+            # as many judge queries, fewer passes: compared at its last evaluation (step 10) both ways
+            "zpg": {0: run([(16, 32), (32, 64), (64, 128)], [[0.1, 0.1], [0.5, 0.5], [0.4, 0.6]])},
+            # dearer per step in passes: at equal passes only its first evaluation fits in ZOPrO's 448
+            "adamw": {0: run([(32, 256), (64, 512)], [[0.9, 0.9], [1.0, 1.0]])}}
+    paired = {(p["versus"], p["quantity"]): p for p in bench_reward.paired_at_equal_cost(runs)}
+    queries = paired["zpg", "score_at_equal_judge_queries"]
+    assert queries["per_seed"] == {0: approx(0.2)} and queries["mean"] == approx(0.2)  # .6 .8 − .4 .6
+    assert (queries["budget"]["mean"], queries["spent"]["mean"], queries["steps"]["mean"]) == (64, 64, 10)
+    assert paired["zpg", "score_at_equal_sequence_passes"]["steps"]["mean"] == 10
+    assert paired["adamw", "score_at_equal_judge_queries"]["per_seed"] == {0: approx(-0.3)}  # step 8: 1.0 1.0
+    passes = paired["adamw", "score_at_equal_sequence_passes"]
+    assert passes["per_seed"] == {0: approx(-0.2)} and passes["spent"]["mean"] == 256  # step 6: .9 .9
+    assert bench_reward.paired_at_equal_cost({"zpg": runs["zpg"]}) == []  # nothing to compare with
+    assert bench_reward.paired_at_equal_cost(_synthetic_runs()) == []  # evaluations without costs
+    assert bench_reward.parse_zo_iterations_of(["zpg=2", "zorank=3"]) == {"zpg": 2, "zorank": 3}
+    for bad in (["zpg"], ["zpg=0"], ["sgd=2"]):
+        with pytest.raises(SystemExit, match="METHOD=N"):
+            bench_reward.parse_zo_iterations_of(bad)
