@@ -161,11 +161,9 @@ def aggregate(runs: dict[str, dict[int, list[dict]]], start_step: dict[int, int]
     if "zopro" in runs:
         for other in (m for m in runs if m != "zopro"):
             shared = sorted(set(runs["zopro"]) & set(runs[other]))
-            at = {s: (eval_at(runs["zopro"][s], "step", step_budget), eval_at(runs[other][s], "step", step_budget))
-                  for s in shared}
-            paired.append({"versus": other, "quantity": "score_at_equal_steps",
-                           "per_seed": {s: statistics.fmean(differences(*at[s])) for s in shared}}
-                          | interval({s: differences(*at[s]) for s in shared}))
+            paired.append(paired_difference(other, "score_at_equal_steps",
+                                            {s: eval_at(runs["zopro"][s], "step", step_budget) for s in shared},
+                                            {s: eval_at(runs[other][s], "step", step_budget) for s in shared}))
     for m in methods.values():
         m.pop("final_evals")
     return {"step_budget": step_budget, "start_step": start_step, "methods": methods, "paired": paired,
@@ -187,13 +185,17 @@ def paired_at_equal_cost(runs: dict[str, dict[int, list[dict]]]) -> list[dict]:
                 continue
             ours = {s: runs["zopro"][s][-1] for s in shared}
             theirs = {s: eval_at(runs[other][s], unit, ours[s][unit]) for s in shared}
-            paired.append({"versus": other, "quantity": f"score_at_equal_{unit}",
-                           "budget": mean_std(ours[s][unit] for s in shared),
-                           "spent": mean_std(theirs[s][unit] for s in shared),
-                           "steps": mean_std(theirs[s]["step"] for s in shared),
-                           "per_seed": {s: statistics.fmean(differences(ours[s], theirs[s])) for s in shared}}
-                          | interval({s: differences(ours[s], theirs[s]) for s in shared}))
+            paired.append(paired_difference(other, f"score_at_equal_{unit}", ours, theirs) | {
+                "budget": mean_std(ours[s][unit] for s in shared), "spent": mean_std(theirs[s][unit] for s in shared),
+                "steps": mean_std(theirs[s]["step"] for s in shared)})
     return paired
+
+
+def paired_difference(versus: str, quantity: str, ours: dict[int, dict], theirs: dict[int, dict]) -> dict:
+    """ZOPrO's evaluation minus the other's, per seed, on the same prompts and samples, with the interval."""
+    return ({"versus": versus, "quantity": quantity,
+             "per_seed": {s: statistics.fmean(differences(ours[s], theirs[s])) for s in ours}}
+            | interval({s: differences(ours[s], theirs[s]) for s in ours}))
 
 
 def phase_costs(config: dict, records: list[dict], start_step: int) -> dict:
