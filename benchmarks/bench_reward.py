@@ -57,6 +57,9 @@ METHODS = RLOO_METHODS + PREFERENCE_METHODS
 REWARD_MODES = {"model": {"reward_model": True, "reward_funcs": []},
                 "functions": {"reward_model": False, "reward_funcs": ["judge"]}}
 RUN_RECORD = "bench_run.json"  # written by launch() next to the run's metrics
+RUN_SETTINGS = "bench_settings.json"  # the settings a run was launched with, checked before it is reused
+# keys that say where a run lives and how it is scheduled, not what it computes
+PLACEMENT_KEYS = ("output_dir", "start_from", "threads", "progress", "plot")
 BOOTSTRAP = 4000
 # the shared start run (iteration 0): 3 rollouts × 4 AdamW steps; sweep.py makes the same one
 START_SET = ["num_iterations=4", "steps_per_iteration=3"]
@@ -304,21 +307,51 @@ def method_config(base: dict, settings: dict, method: str, seed: int, runs_dir, 
         "plot": False, "save_adapters": False}  # the comparison reads metrics only: no adapters on disk per run
 
 
+def run_settings(config: dict) -> dict:
+    """What a run computes: its config as JSON values, less ``PLACEMENT_KEYS``."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in PLACEMENT_KEYS}
+
+
+def settings_mismatch(recorded: dict, wanted: dict) -> list[str]:
+    """The keys whose values differ. A key the record lacks (added to the config since) counts only
+    where the wanted value is not the config's default, which is what the older run used."""
+    from zopro_kernels.rloo.config import TrainConfig
+
+    defaults = run_settings(TrainConfig().to_dict())
+    missing = object()
+    return sorted(k for k in recorded.keys() | wanted.keys()
+                  if recorded.get(k, defaults.get(k, missing)) != wanted.get(k, missing))
+
+
 def finished(config: dict) -> bool:
-    """The run's metrics end with the evaluation after its last iteration."""
-    path = Path(config["output_dir"]) / "metrics.jsonl"
+    """The run's metrics end with the evaluation after its last iteration. A run directory holding a
+    run (finished or not) launched with other settings stops the benchmark: runs are found by
+    directory name, so reusing it would report one setting under another's name, and running it
+    again would overwrite it."""
+    out = Path(config["output_dir"])
+    path = out / "metrics.jsonl"
     if not path.exists():
         return False
+    recorded = out / RUN_SETTINGS
+    if recorded.exists():
+        differ = settings_mismatch(json.loads(recorded.read_text()), run_settings(config))
+        if differ:
+            raise SystemExit(f"{out} holds a run with other settings ({', '.join(differ)} differ, see {recorded}); "
+                             "use another --runs-dir, or --force to run it again with these")
     records = read_records(path)
     done = [r for r in records if r.get("event") == "iteration"]
-    return bool(done) and (done[-1]["iteration"] == config.get("iterations", 5) - 1 or "stopped" in done[-1]) \
+    complete = bool(done) and (done[-1]["iteration"] == config.get("iterations", 5) - 1 or "stopped" in done[-1]) \
         and records[-1].get("event") in ("eval", "iteration")
+    if complete and not recorded.exists():  # runs from before settings were recorded: trusted by their name
+        print(f"[bench] {out}: no {RUN_SETTINGS}, reused by its directory name", flush=True)
+    return complete
 
 
 def launch(config: dict) -> dict:
     """One run in a subprocess (``--run-one``); its output goes to ``output_dir/train.log``."""
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_SETTINGS).write_text(json.dumps(run_settings(config), indent=1, sort_keys=True))
     started = time.perf_counter()
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(out / "train.log", "w", encoding="utf-8") as log:
@@ -531,6 +564,8 @@ def main(argv=None):
                for s in args.seeds for m in args.methods]
     started = time.perf_counter()
     if not args.aggregate_only:
+        if not args.force:  # a directory holding another setting's run stops the benchmark before anything runs
+            [finished(c) for c in list(starts.values()) + configs]
         run_all(list(starts.values()), args.jobs, args.force)
         run_all(configs, args.jobs, args.force)
     records = [r for r in map(run_record, list(starts.values()) + configs) if r is not None]

@@ -553,6 +553,13 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
 
     again = bench_reward.main(args + ["--aggregate-only"])  # reads the finished runs, runs nothing
     assert json.dumps(again) == json.dumps(result)
+    # each run records its settings; asking for other settings in the same runs dir stops before anything runs
+    assert json.loads((here / "zopro-seed3" / bench_reward.RUN_SETTINGS).read_text())["eps"] == 0.01
+    with pytest.raises(SystemExit, match=r"start-seed3 holds a run with other settings \(eps differ"):
+        bench_reward.main(args + ["--set", "eps=0.02"])
+    with pytest.raises(SystemExit, match=r"mezo-seed3 holds a run with other settings \(iterations differ"):
+        bench_reward.main(args + ["--zo-iterations-of", "mezo=3"])
+    assert (record.stat().st_mtime_ns, record.read_text()) == before[:2]
 
     chose = sweep.main(common + ["--reward-mode", "functions", "--grid", "zopro:lr=1e-3,1e-2", "--seed", "3"])
     assert (record.stat().st_mtime_ns, record.read_text(), (start_dir / "metrics.jsonl").read_text()) == before
@@ -588,6 +595,41 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     assert len(rows) == 2 and all(math.isfinite(r["along_policy_delta"]) and math.isfinite(r["random"]) for r in rows)
     assert summary["along_policy_delta"]["mean"] == pytest.approx(sum(r["along_policy_delta"] for r in rows) / 2)
     assert 0 <= summary["random"]["continue_share"] <= 1
+
+
+def test_a_finished_run_is_reused_only_with_the_settings_it_ran_with(tmp_path, capsys):
+    bench_reward = _bench("bench_reward")
+    from zopro_kernels.rloo.config import TrainConfig
+
+    out = tmp_path / "zopro-seed0"
+    out.mkdir()
+    config = TrainConfig().to_dict() | {"lr": 1e-5, "iterations": 2, "output_dir": str(out), "threads": 1,
+                                        "start_from": str(tmp_path / "start-seed0")}
+    assert not bench_reward.finished(config)  # no metrics yet
+    lines = [{"event": "iteration", "iteration": 1, "global_step": 4}, {"event": "eval", "step": 4}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert bench_reward.finished(config)  # no recorded settings: an older run, trusted by its name
+    assert "reused by its directory name" in capsys.readouterr().out
+    recorded = bench_reward.run_settings(config)
+    assert "output_dir" not in recorded and "threads" not in recorded and recorded["lr"] == 1e-5
+    (out / bench_reward.RUN_SETTINGS).write_text(json.dumps(recorded))
+    # where it lives and how many threads it ran on do not change what it computed
+    moved = config | {"threads": 4, "output_dir": str(out), "start_from": "/elsewhere/start-seed0"}
+    assert bench_reward.finished(moved)
+    with pytest.raises(SystemExit, match=r"other settings \(eps, lr differ"):
+        bench_reward.finished(config | {"lr": 3e-5, "eps": 0.5})
+    with pytest.raises(SystemExit, match=r"iterations differ"):  # not finished at 3 iterations, and not these
+        bench_reward.finished(config | {"iterations": 3})
+    # a key the record lacks (added to the config since) matches its default only
+    key = "num_generations"
+    (out / bench_reward.RUN_SETTINGS).write_text(json.dumps({k: v for k, v in recorded.items() if k != key}))
+    assert bench_reward.finished(config)
+    with pytest.raises(SystemExit, match=key):
+        bench_reward.finished(config | {key: config[key] + 1})
+    assert bench_reward.settings_mismatch({"a": 1}, {"a": 1, "b": 2}) == ["b"]  # not a config key: no default
+    (out / "metrics.jsonl").write_text(json.dumps(lines[1]) + "\n")  # killed before its last iteration:
+    assert not bench_reward.finished(config)  # run again, same settings
+    assert not (out / "bench_run.json").exists()  # checking never writes
 
 
 def test_reward_model_study_wilson_interval_matches_hand_computed_values():
