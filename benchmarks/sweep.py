@@ -1,16 +1,18 @@
 """Step sizes per method, chosen on the validation split (never the reported held-out one).
 
-    python benchmarks/sweep.py --reward-mode functions --seed 0 \
+    python benchmarks/sweep.py --reward-mode functions --seeds 0 \
         --grid zopro:lr=1e-6,3e-6,1e-5:eps=1e-5,1e-4,1e-3 --grid mezo:spsa_lr=1e-6,1e-5,1e-4:eps=1e-3 \
         --time-budget-min 60
 
 As the paper did (a 3×3 grid of learning rate × ε per method), each grid point is one ZO iteration
-from the seed's shared first-order iteration 0 (``bench_reward.py``'s start run, made here when it
+from each seed's shared first-order iteration 0 (``bench_reward.py``'s start run, made here when it
 is missing), scored by its validation-split gain (paired, same samples as the start's validation
-evaluation). The validation prompts are disjoint from the training and the held-out prompts.
-``--time-budget-min`` stops launching grid points once spent (reported: which points did not run).
-Grid points run in the order given (``--jobs`` at a time); a point that finished earlier is read,
-not run again.
+evaluation), averaged over the seeds (``--seeds 0 1 2``: one 32-prompt split of one seed can rank
+points differently from the held-out split; several seeds' splits average that out). The validation
+prompts are disjoint from the training and the held-out prompts.
+``--time-budget-min`` stops launching runs once spent; a point scored on fewer than all seeds is
+reported as not run, never chosen. Points run in the order given, each on every seed (``--jobs``
+runs at a time); a run that finished earlier is read, not run again.
 Writes benchmarks/results/sweep-<device>-<mode>-<date>.{json,md}; its "chosen" entry is what
 ``bench_reward.py --settings`` takes.
 """
@@ -65,13 +67,20 @@ def point_name(method: str, point: dict) -> str:
                                               for k, v in point.items())
 
 
-def validation_gain(run_metrics: Path, start_metrics: Path) -> dict:
-    """Mean paired gain on the validation split of the run's last evaluation over the start's last."""
-    start = bench_reward.read_evals(start_metrics, "validation")[-1]
-    final = bench_reward.read_evals(run_metrics, "validation")[-1]
-    diffs = bench_reward.differences(final, start)
-    return {"gain": statistics.fmean(diffs), "start": start["score"], "final": final["score"]} | {
-        "interval": bench_reward.interval({0: diffs})}
+def validation_gain(runs: dict[int, tuple[Path, Path]]) -> dict:
+    """Paired gain on the validation split of each run's last evaluation over its start's last,
+    ``runs`` being {seed: (run metrics, start metrics)}: the mean over seeds of each seed's mean
+    gain, with a two-level bootstrap interval (seeds, then prompts)."""
+    per_seed, starts, finals = {}, [], []
+    for seed, (run_metrics, start_metrics) in sorted(runs.items()):
+        start = bench_reward.read_evals(start_metrics, "validation")[-1]
+        final = bench_reward.read_evals(run_metrics, "validation")[-1]
+        per_seed[seed] = bench_reward.differences(final, start)
+        starts.append(start["score"])
+        finals.append(final["score"])
+    gains = {seed: statistics.fmean(diffs) for seed, diffs in per_seed.items()}
+    return {"gain": statistics.fmean(gains.values()), "per_seed": gains, "start": statistics.fmean(starts),
+            "final": statistics.fmean(finals), "interval": bench_reward.interval(per_seed)}
 
 
 def choose(results: dict[str, list[dict]]) -> dict:
@@ -82,19 +91,21 @@ def choose(results: dict[str, list[dict]]) -> dict:
     return {method: max(points, key=gain)["settings"] for method, points in results.items() if points}
 
 
-def markdown(results: dict, chosen: dict, skipped: list, env: dict, seed: int, reward_mode: str) -> str:
+def markdown(results: dict, chosen: dict, skipped: list, env: dict, seeds: list[int], reward_mode: str) -> str:
+    which = f"seed {seeds[0]}'s" if len(seeds) == 1 else f"each of seeds {', '.join(map(str, seeds))}' (mean over seeds)"
     lines = [f"Validation-split gain (32-prompt split disjoint from training and held-out; paired samples) of one "
-             f"ZO iteration from seed {seed}'s shared first-order iteration 0; reward mode **{reward_mode}**.", "",
-             environment_line(env), "", "| method | settings | validation gain [95 % CI] | minutes |",
-             "|---|---|---|---|"]
+             f"ZO iteration from {which} shared first-order iteration 0; reward mode **{reward_mode}**.", "",
+             environment_line(env), "", "| method | settings | validation gain [95 % CI] | per seed | minutes |",
+             "|---|---|---|---|---|"]
     for method, points in results.items():
         for p in points:
             ci = p["interval"]
             mark = " **chosen**" if p["settings"] == chosen.get(method) else ""
+            per_seed = ", ".join(f"{g:+.3f}" for g in p["per_seed"].values())
             lines.append(f"| {method} | `{json.dumps(p['settings'])}`{mark} | {p['gain']:+.3f} "
-                         f"[{ci['low']:+.3f}, {ci['high']:+.3f}] | {p['minutes']:.1f} |")
+                         f"[{ci['low']:+.3f}, {ci['high']:+.3f}] | {per_seed} | {p['minutes']:.1f} |")
     if skipped:
-        lines += ["", f"Not run (time budget spent): {', '.join(skipped)}"]
+        lines += ["", f"Not run on every seed (time budget spent): {', '.join(skipped)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -105,9 +116,10 @@ def main(argv=None):
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--start-set", nargs="*", default=bench_reward.START_SET, metavar="KEY=VALUE")
     parser.add_argument("--grid", action="append", required=True, help="method:key=v1,v2[:key=...]")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0],
+                        help="seeds whose start runs' validation splits score each point (mean over them)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
-    parser.add_argument("--jobs", type=int, default=1, help="grid points at a time")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--time-budget-min", type=float, default=None)
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-reward"))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -121,50 +133,52 @@ def main(argv=None):
     grids = [parse_grid(spec) for spec in args.grid]  # a bad spec or key fails now, before any run
     for method, points in grids:
         for point in points:
-            TrainConfig.from_dict(bench_reward.method_config(base, {method: point}, method, args.seed, runs_dir,
-                                                             args.threads, zo_iterations=1))
-    start = bench_reward.start_config(base, parse_overrides(args.start_set), args.seed, runs_dir, args.threads)
+            TrainConfig.from_dict(bench_reward.method_config(base, {method: point}, method, args.seeds[0],
+                                                             runs_dir, args.threads, zo_iterations=1))
+    start_set = parse_overrides(args.start_set)
+    starts = {seed: bench_reward.start_config(base, start_set, seed, runs_dir, args.threads) for seed in args.seeds}
     started = time.perf_counter()
-    bench_reward.run_all([start], 1)
-    start_metrics = Path(start["output_dir"]) / "metrics.jsonl"
-    grid = []
-    for spec in args.grid:
-        method, points = parse_grid(spec)
+    bench_reward.run_all(list(starts.values()), args.jobs)
+    grid = []  # (method, point, seed, config), point by point, each on every seed
+    for method, points in grids:
         for point in points:
             name = point_name(method, point)
-            grid.append((method, point, bench_reward.method_config(
-                base, {method: point}, method, args.seed, runs_dir, args.threads, zo_iterations=1,
-                eval_split="validation", name=name)))
-    skipped = []
+            grid += [(method, point, seed, bench_reward.method_config(
+                base, {method: point}, method, seed, runs_dir, args.threads, zo_iterations=1,
+                eval_split="validation", name=name)) for seed in args.seeds]
+    for *_, config in grid:  # a run dir holding another setting's run stops the sweep before anything runs
+        bench_reward.finished(config)
 
-    def run_point(item):
-        config = item[2]
+    def run_point(config):
         if bench_reward.finished(config):
             return
         if args.time_budget_min is not None and time.perf_counter() - started > 60 * args.time_budget_min:
-            skipped.append(Path(config["output_dir"]).name)
             return
         bench_reward.launch(config)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(run_point, grid))
-    results = {}
-    for method, point, config in grid:
-        if not bench_reward.finished(config):
-            continue
-        record = bench_reward.run_record(config) or {"wall_seconds": float("nan")}
-        results.setdefault(method, []).append(
-            {"settings": point, "minutes": record["wall_seconds"] / 60}
-            | validation_gain(Path(config["output_dir"]) / "metrics.jsonl", start_metrics))
-        print(f"[sweep] {Path(config['output_dir']).name}: validation gain {results[method][-1]['gain']:+.4f}",
-              flush=True)
+        list(pool.map(run_point, [item[-1] for item in grid]))
+    results, skipped = {}, []
+    for method, points in grids:
+        for point in points:
+            configs = {seed: config for m, p, seed, config in grid if m == method and p == point}
+            if not all(map(bench_reward.finished, configs.values())):
+                skipped.append(point_name(method, point))
+                continue
+            minutes = sum((bench_reward.run_record(c) or {"wall_seconds": math.nan})["wall_seconds"]
+                          for c in configs.values()) / 60
+            results.setdefault(method, []).append({"settings": point, "minutes": minutes} | validation_gain(
+                {seed: (Path(c["output_dir"]) / "metrics.jsonl", Path(starts[seed]["output_dir"]) / "metrics.jsonl")
+                 for seed, c in configs.items()}))
+            print(f"[sweep] {point_name(method, point)}: validation gain {results[method][-1]['gain']:+.4f}",
+                  flush=True)
     chosen = choose(results)
     device = torch.device("cuda" if torch.cuda.is_available() and base.get("device", "auto") != "cpu" else "cpu")
     env = environment(device, command_argv(__file__, argv))
     stem = results_stem(args.out, "sweep", env, args.tag or args.reward_mode)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    table = markdown(results, chosen, skipped, env, args.seed, args.reward_mode)
-    write_results(stem, env, results, table, chosen=chosen, skipped=skipped, config=base,
+    table = markdown(results, chosen, skipped, env, args.seeds, args.reward_mode)
+    write_results(stem, env, results, table, chosen=chosen, skipped=skipped, seeds=args.seeds, config=base,
                   total_seconds=time.perf_counter() - started)
     print(table)
     return {"results": results, "chosen": chosen, "skipped": skipped}

@@ -471,9 +471,18 @@ def test_sweep_grids_points_and_choice(tmp_path):
     run = _write_jsonl(tmp_path / "run.jsonl", [json.loads(line) for line in start.read_text().splitlines()] + [
         _eval("validation", 1, 6, 8.0, [0.6, 0.4, 0.1, 0.3]), _eval("validation", 2, 8, 9.0, [0.5, 0.5, 0.3, 0.3])])
     # the run's last validation evaluation (per prompt .5, .3) over the start's last (.3, .1)
-    gain = sweep.validation_gain(run, start)
+    gain = sweep.validation_gain({0: (run, start)})
     assert gain["gain"] == pytest.approx(0.2) and gain["start"] == pytest.approx(0.2)
     assert gain["final"] == pytest.approx(0.4) and gain["interval"]["low"] == pytest.approx(0.2)
+    # two seeds: seed 1's start ends at (.0, .2), its run at (.3, −.1): gains +.3, −.3, mean 0;
+    # the point's gain is the mean of the seeds' means, (0.2 + 0.0) / 2
+    start1 = _write_jsonl(tmp_path / "start1.jsonl", [_eval("validation", 0, 4, 5.0, [0.0, 0.0, 0.2, 0.2])])
+    run1 = _write_jsonl(tmp_path / "run1.jsonl", [_eval("validation", 1, 6, 8.0, [0.3, 0.3, -0.1, -0.1])])
+    pooled = sweep.validation_gain({1: (run1, start1), 0: (run, start)})
+    assert pooled["per_seed"] == pytest.approx({0: 0.2, 1: 0.0}) and list(pooled["per_seed"]) == [0, 1]
+    assert pooled["gain"] == pytest.approx(0.1) and pooled["start"] == pytest.approx(0.15)
+    assert pooled["final"] == pytest.approx(0.25) and pooled["interval"]["seeds"] == 2
+    assert -0.3 <= pooled["interval"]["low"] < 0.1 < pooled["interval"]["high"] <= 0.3 + 1e-12  # seed 1 drawn twice, +.3 twice
 
 
 def _tiny_task(tmp_path, settings: dict) -> Path:
