@@ -121,6 +121,44 @@ def interval(per_seed: dict[int, list[float]], *, seed: int = 0, draws: int = BO
             "seeds": len(seeds)}
 
 
+def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (stays inside [0, 1] for small counts)."""
+    if total == 0:
+        return math.nan, math.nan
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return centre - half, centre + half
+
+
+def fresh_pair_estimates(records: list[dict], first_iteration: int = 0) -> list[tuple[float, int]]:
+    """(accuracy, pairs) of the reward model on each iteration's fresh pairs (the judged pairs it is
+    refined on next, scored before that refinement), from iteration ``first_iteration`` on."""
+    return [(r["fresh_pair_accuracy"], int(r["pairs"])) for r in records
+            if r.get("event") == "iteration" and r["iteration"] >= first_iteration
+            and r.get("fresh_pair_accuracy") is not None and r.get("pairs")]
+
+
+def fresh_pair_accuracy(rows: dict[str, dict[int, list[tuple[float, int]]]]) -> dict:
+    """Per row (e.g. "R_0", "after zopro"), from {seed: [(accuracy, pairs), ...]}: the mean of the
+    estimates, and the pooled accuracy (correct / pairs) with its Wilson interval; and the same over
+    every row ("all")."""
+    def summary(by_seed):
+        estimates = [e for per_seed in by_seed.values() for e in per_seed]
+        correct, total = sum(round(a * n) for a, n in estimates), sum(n for _, n in estimates)
+        low, high = wilson(correct, total)
+        return {"per_seed": {s: [a for a, _ in e] for s, e in by_seed.items()},
+                "mean": statistics.fmean(a for a, _ in estimates) if estimates else None,
+                "estimates": len(estimates), "pairs": total,
+                "pooled": correct / total if total else None, "low": low, "high": high}
+
+    every = {}
+    for by_seed in rows.values():
+        for seed, estimates in by_seed.items():
+            every.setdefault(seed, []).extend(estimates)
+    return {"rows": {label: summary(by_seed) for label, by_seed in rows.items()}, "all": summary(every)}
+
+
 def eval_at(evals: list[dict], key: str, limit: float) -> dict | None:
     eligible = [e for e in evals if e[key] <= limit]
     return eligible[-1] if eligible else None
@@ -261,7 +299,8 @@ def excludes_zero_above(stat: dict) -> bool:
 
 def target_checks(result: dict) -> list[dict]:
     """The issue's targets: AdamW's and ZOPrO's held-out gain > 0 with the interval excluding 0;
-    ZOPrO − MeZO at equal steps > 0 with the paired interval excluding 0."""
+    ZOPrO − MeZO at equal steps > 0 with the paired interval excluding 0; the reward model's
+    fresh-pair accuracy ≥ 0.65 on average (reward-model mode)."""
     checks = []
     for method in ("adamw", "zopro"):
         if method in result["methods"]:
@@ -272,6 +311,14 @@ def target_checks(result: dict) -> list[dict]:
         if p["versus"] == "mezo":
             checks.append({"target": "ZOPrO − MeZO at equal steps > 0, paired interval excluding 0", "value": p,
                            "met": excludes_zero_above(p)})
+    accuracy = result.get("reward_model_accuracy", {}).get("all")
+    if accuracy and accuracy["mean"] is not None:
+        checks.append({"target": "reward model's fresh-pair accuracy ≥ 0.65 on average (every iteration's estimate; "
+                                 "pooled, with its Wilson interval)",
+                       "value": {"mean": accuracy["pooled"], "low": accuracy["low"], "high": accuracy["high"]},
+                       "shown": f"mean {accuracy['mean']:.3f} of {accuracy['estimates']} estimates; pooled "
+                                f"{accuracy['pooled']:.3f} [{accuracy['low']:.3f}, {accuracy['high']:.3f}] "
+                                f"over {accuracy['pairs']} pairs", "met": accuracy["mean"] >= 0.65})
     return checks
 
 
@@ -468,10 +515,24 @@ def markdown(result: dict, checks: list[dict], env: dict, config: dict, settings
         per = "; ".join(f"seed {s}: {p['start']:.3f} → {p['parted']:.3f} → {p['final']:.3f}"
                         for s, p in m["per_seed"].items())
         lines.append(f"- {method}: {per}")
+    accuracy = result.get("reward_model_accuracy")
+    if accuracy:
+        lines += ["", "The reward model on each iteration's fresh pairs (judged pairs of the policy it is refined on "
+                  "next, scored before that refinement; ties dropped): R_0 is the warmed-up model on iteration 0's "
+                  "pairs, \"after <method>\" the model refined on the previous iteration's pairs, on the method's "
+                  "iteration's. Intervals: 95 % Wilson, pooled over pairs.", "",
+                  "| reward model | accuracy per seed | mean of estimates | pooled [95 %] | pairs |",
+                  "|---|---|---|---|---|"]
+        for label, row in list(accuracy["rows"].items()) + [("every iteration", accuracy["all"])]:
+            if row["mean"] is None:
+                continue
+            per = "; ".join(f"{s}: " + ", ".join(f"{a:.2f}" for a in acc) for s, acc in row["per_seed"].items())
+            lines.append(f"| {label} | {per} | {row['mean']:.3f} | {row['pooled']:.3f} [{row['low']:.3f}, "
+                         f"{row['high']:.3f}] | {row['pairs']} |")
     if checks:
         lines += ["", "| target | value | met |", "|---|---|---|"]
         for c in checks:
-            lines.append(f"| {c['target']} | {_ci(c['value'])} | {'yes' if c['met'] else 'no'} |")
+            lines.append(f"| {c['target']} | {c.get('shown') or _ci(c['value'])} | {'yes' if c['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -589,6 +650,15 @@ def main(argv=None):
     for method in result["methods"].values():
         per_seed = [p["costs"] for p in method["per_seed"].values()]
         method["costs"] = {key: mean_std(costs[key] for costs in per_seed) for key in per_seed[0]}
+    compared = sorted({seed for m in result["methods"].values() for seed in m["per_seed"]})
+    rows = {"R_0": {s: fresh_pair_estimates(read_records(Path(starts[s]["output_dir"]) / "metrics.jsonl"))
+                    for s in compared}}
+    for c in configs:
+        if c["optimizer"] in result["methods"] and c["seed"] in result["methods"][c["optimizer"]]["per_seed"]:
+            rows.setdefault(f"after {c['optimizer']}", {})[c["seed"]] = fresh_pair_estimates(
+                read_records(Path(c["output_dir"]) / "metrics.jsonl"), first_iteration=1)
+    if any(e for by_seed in rows.values() for e in by_seed.values()):  # a reward model was refined
+        result["reward_model_accuracy"] = fresh_pair_accuracy(rows)
     checks = target_checks(result)
     device = torch.device("cuda" if torch.cuda.is_available() and base.get("device", "auto") != "cpu" else "cpu")
     env = environment(device, command_argv(__file__, argv))

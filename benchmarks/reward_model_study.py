@@ -27,19 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_reward import wilson  # noqa: E402
 from results_io import command_argv, environment, environment_line, results_stem, write_results  # noqa: E402
 
 CHUNK = 32  # prompts sampled at once (memory, progress)
-
-
-def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (stays inside [0, 1] for small counts)."""
-    if total == 0:
-        return math.nan, math.nan
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return centre - half, centre + half
 
 
 def draw_pairs(trainer, prompts: list[str], purpose: int, first_round: int):

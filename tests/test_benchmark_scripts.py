@@ -593,6 +593,15 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     lines = (runs / "model" / "start-seed3" / "metrics.jsonl").read_text().splitlines()
     refinements = [json.loads(line) for line in lines if '"event": "iteration"' in line]
     assert len(refinements) == 1 and "bt_loss_first" in refinements[0]  # the reward model was refined
+    # its accuracy on fresh pairs is reported per reward model: R_0 from the start, R_1 after each method
+    accuracy = modelled["reward_model_accuracy"]
+    assert accuracy["rows"]["R_0"]["per_seed"][3] == [refinements[0]["fresh_pair_accuracy"]]
+    for method in ("zopro", "mezo"):
+        lines = (runs / "model" / f"{method}-seed3" / "metrics.jsonl").read_text().splitlines()
+        last = [json.loads(line) for line in lines if '"event": "iteration"' in line][-1]
+        assert last["iteration"] == 1 and accuracy["rows"][f"after {method}"]["per_seed"][3] == [
+            last["fresh_pair_accuracy"]]
+    assert "| R_0 |" in path.with_suffix(".md").read_text()
 
     # the direction probe reads the start run's checkpoint and config, and never moves the weights
     probe = _bench("probe_direction")
@@ -639,6 +648,31 @@ def test_a_finished_run_is_reused_only_with_the_settings_it_ran_with(tmp_path, c
     (out / "metrics.jsonl").write_text(json.dumps(lines[1]) + "\n")  # killed before its last iteration:
     assert not bench_reward.finished(config)  # run again, same settings
     assert not (out / "bench_run.json").exists()  # checking never writes
+
+
+def test_fresh_pair_accuracy_per_reward_model_and_pooled_over_pairs():
+    bench_reward = _bench("bench_reward")
+    records = [{"event": "reward_warmup", "iteration": 0, "pairs": 400, "fresh_pair_accuracy": 0.45},  # R's init
+               {"event": "iteration", "iteration": 0, "pairs": 20, "fresh_pair_accuracy": 0.55},
+               {"event": "eval", "iteration": 0, "task_score": 0.1},
+               {"event": "iteration", "iteration": 1, "pairs": 10, "fresh_pair_accuracy": 0.9},
+               {"event": "iteration", "iteration": 2, "pairs": 0, "fresh_pair_accuracy": None}]  # all ties
+    assert bench_reward.fresh_pair_estimates(records) == [(0.55, 20), (0.9, 10)]
+    assert bench_reward.fresh_pair_estimates(records, first_iteration=1) == [(0.9, 10)]
+    # R_0: 11 of 20 and 4 of 10 right; after zopro: 18 of 20 (seed 0) and 9 of 10 (seed 1)
+    result = bench_reward.fresh_pair_accuracy({"R_0": {0: [(0.55, 20)], 1: [(0.4, 10)]},
+                                               "after zopro": {0: [(0.9, 20)], 1: [(0.9, 10)]}})
+    r0, after, every = result["rows"]["R_0"], result["rows"]["after zopro"], result["all"]
+    assert r0["mean"] == pytest.approx(0.475) and r0["pooled"] == pytest.approx(15 / 30) and r0["pairs"] == 30
+    assert (r0["low"], r0["high"]) == pytest.approx(bench_reward.wilson(15, 30))
+    assert after["mean"] == pytest.approx(0.9) and after["pooled"] == pytest.approx(27 / 30)
+    assert every["per_seed"] == {0: [0.55, 0.9], 1: [0.4, 0.9]} and every["estimates"] == 4
+    assert every["mean"] == pytest.approx(0.6875) and every["pooled"] == pytest.approx(42 / 60)
+    checks = bench_reward.target_checks({"methods": {}, "paired": [], "reward_model_accuracy": result})
+    assert len(checks) == 1 and checks[0]["met"]
+    assert "pooled 0.700" in checks[0]["shown"] and "of 4 estimates" in checks[0]["shown"]
+    low = bench_reward.fresh_pair_accuracy({"R_0": {0: [(0.6, 20)]}})
+    assert not bench_reward.target_checks({"methods": {}, "paired": [], "reward_model_accuracy": low})[0]["met"]
 
 
 def test_reward_model_study_wilson_interval_matches_hand_computed_values():
