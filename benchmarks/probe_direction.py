@@ -54,7 +54,7 @@ def main(argv=None):
     from zopro_kernels.rloo.assets import resolve_prompts
     from zopro_kernels.rloo.config import TrainConfig, canonical_keys
     from zopro_kernels.rloo.loop import RLOOTrainer, derived_seed
-    from zopro_kernels.rloo.objective import policy_loss, score_rollout
+    from zopro_kernels.rloo.objective import policy_loss, score_rollout, with_standardized_advantages
 
     state = load_checkpoint(str(Path(args.run) / "checkpoint.pt"))
     overrides = {"output_dir": str(Path(args.out) / ".probe"), "start_from": None, "progress": False}
@@ -79,6 +79,8 @@ def main(argv=None):
         scored = score_rollout(pair, rollout, beta=config.beta, chunk_size=config.logprob_chunk,
                                reward_model=config.reward_model, reward_funcs=trainer.reward_funcs,
                                sampling=trainer.sampling)
+        if config.normalize_advantages:  # the run's J, as its loop scored it
+            scored = with_standardized_advantages(scored)
 
         def closure():
             return policy_loss(pair, scored, kind=config.objective, clip=config.clip, chunk_size=config.logprob_chunk)

@@ -159,3 +159,30 @@ def test_q_directions_and_direction_norm_reach_the_optimizer(tmp_path):
     assert iterations[1]["policy_delta_norm"] > 0
     assert -1 <= iterations[1]["cos_policy_delta_previous_reward_delta"] <= 1  # ∠(ΔR_0, Δπ_1) logged
     assert 0 <= iterations[1]["fresh_pair_accuracy"] <= 1
+
+
+def test_normalized_advantages_make_the_zo_step_independent_of_the_reward_scale(tmp_path):
+    def characters(prompt, completion):
+        return float(len(completion))
+
+    def rescaled(prompt, completion):  # the same preferences in other units (a reward model's logits, say)
+        return 100.0 * characters(prompt, completion) - 7.0
+
+    moved = {}
+    for name, reward, normalize in (("characters", characters, True), ("rescaled", rescaled, True), ("raw", rescaled, False)):
+        pair = make_pair()
+        before = {k: v.clone() for k, v in pair.policy_tensors().items()}
+        # one rollout reused for two steps: the same completions whatever the first step did
+        config = tiny_config(tmp_path / name, optimizer="mezo", first_iteration="spsa", reward_model=False,
+                             reward_funcs=[reward], beta=0.0, iterations=1, steps_per_iteration=1,
+                             num_iterations=2, num_generations=3, eval_prompts=0,
+                             normalize_advantages=normalize)
+        trainer = train(config, pair=pair, prompts=PROMPTS, judge=word_count_judge())
+        moved[name] = {k: v - before[k] for k, v in trainer.pair.policy_tensors().items()}
+    size = math.sqrt(sum(float(d.double().square().sum()) for d in moved["characters"].values()))
+    assert size > 0
+    difference = math.sqrt(sum(float((moved["characters"][k] - moved["rescaled"][k]).double().square().sum())
+                               for k in moved["characters"]))
+    assert difference <= 1e-3 * size  # the same step (up to the 1e-4 in std + 1e-4)
+    raw = math.sqrt(sum(float(d.double().square().sum()) for d in moved["raw"].values()))
+    assert raw > 10 * size or not math.isfinite(raw)  # without it the step grows with the reward's scale

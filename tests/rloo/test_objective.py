@@ -142,3 +142,29 @@ def test_zo_objective_is_the_first_order_loss(kind):
     # θ moved by −η g z, so ∇J·(θ_new − θ) = −η g (∇J·z) ≈ −η g²
     directional = sum((grad * (p.detach() - b)).sum() for grad, (_, p), b in zip(grads, named, before))
     assert directional.item() == pytest.approx(-lr * g * g, rel=1e-4)
+
+
+def test_standardized_advantages_match_float64_mean_and_unbiased_std_over_the_global_batch():
+    from zopro_kernels.rloo.objective import ScoredBatch, standardized_advantages, with_standardized_advantages
+
+    advantages = torch.tensor([0.5, -1.0, 2.0, 0.25, -0.75, 3.0], dtype=torch.float32)
+    reference = advantages.double()
+    expected = (reference - reference.mean()) / (reference.std(unbiased=True) + 1e-4)
+    a = advantages.double()
+    got = standardized_advantages(advantages, float(a.sum()), float((a * a).sum()), a.numel())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    assert got.dtype == advantages.dtype
+    # two processes, each holding half: standardised by the sums over both, as the global batch is
+    halves = [advantages[:2], advantages[2:]]
+    sums = [sum(v) for v in zip(*[[float(h.double().sum()), float(h.double().square().sum()), h.numel()]
+                                  for h in halves])]
+    for half, rows in zip(halves, (slice(0, 2), slice(2, 6))):
+        batch = ScoredBatch(rollout=None, logp_old=torch.zeros(len(half)), advantages=half, scores=half,
+                            kl=torch.zeros(len(half)), rewards=half)
+        scaled = with_standardized_advantages(batch, reduce=lambda mine: sums)
+        torch.testing.assert_close(scaled.advantages.double(), expected[rows], rtol=1e-6, atol=1e-6)
+        assert scaled.rewards is half  # only the advantages change
+    # one completion, or all equal: centred, never divided by a zero spread
+    assert standardized_advantages(torch.tensor([2.0]), 2.0, 4.0, 1).tolist() == [0.0]
+    same = standardized_advantages(torch.full((4,), 3.0), 12.0, 36.0, 4)
+    assert torch.equal(same, torch.zeros(4))

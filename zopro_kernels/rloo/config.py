@@ -94,6 +94,7 @@ class TrainConfig:
     beta: float = 0.05                     # KL coefficient
     objective: str = "ppo"                 # "ppo" (clipped sequence ratio) or "reinforce"
     clip: float = 0.2                      # PPO clip (TRL's epsilon; not renamed: eps is the ZO perturbation)
+    normalize_advantages: bool = False     # (A − mean) / (std + 1e-4) over each sampled batch (TRL's name): J in reward-free units
     logprob_chunk: int = 64                # sequence positions per vocabulary projection
     num_iterations: int = 1                # optimisation steps per sampled batch (TRL's name); π_old fixed at sampling
 

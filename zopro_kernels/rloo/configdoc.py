@@ -61,6 +61,9 @@ KEYS: dict[str, tuple[str, str]] = {
     "clip": ("PPO clip c: the ratio is clipped to [1 − c, 1 + c].",
              f"{OURS}: TRL calls it `epsilon`; kept as `clip` because `eps` here is the zeroth-order "
              "perturbation ε, and `epsilon` beside `eps` would read as one setting"),
+    "normalize_advantages": ("Standardise the advantages over each sampled batch (all processes): (A − mean) / "
+                             "(std + 1e-4). J then reads in units of the batch's spread, not of the reward, so one "
+                             "step size serves a reward model's logits and a judge's [−1, 1] score alike.", SAME),
     "logprob_chunk": ("Sequence positions per vocabulary projection (memory of the log-prob pass).", OURS),
     "num_iterations": ("Optimisation steps per sampled rollout (μ); π_old fixed at sampling.", SAME),
     # rewards

@@ -14,6 +14,7 @@ compares the model's own (untransformed) distributions.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,19 @@ def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     grouped = rewards.reshape(-1, k)
     others = (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)
     return (grouped - others).reshape(-1)
+
+
+def standardized_advantages(advantages: torch.Tensor, total: float, total_squares: float, count: float,
+                            eps: float = 1e-4) -> torch.Tensor:
+    """(A − mean) / (std + eps), mean and (unbiased) std over the whole sampled batch, given as
+    Σ A, Σ A² and the count over every process (TRL's ``normalize_advantages``). J then reads in
+    units of the batch's spread rather than of the reward, so one step size serves rewards of any
+    scale (a reward model's logits, a judge's [−1, 1] score)."""
+    if count < 2:
+        return advantages - total / max(count, 1)
+    mean = total / count
+    variance = max((total_squares - count * mean * mean) / (count - 1), 0.0)
+    return (advantages - mean) / (math.sqrt(variance) + eps)
 
 
 def surrogate_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, *,
@@ -104,6 +118,14 @@ def score_rollout(pair, rollout: Rollout, *, beta: float, chunk_size: int = 64, 
         logp_old, scores, kl, rewards = logp_old[rows], scores[rows], kl[rows], rewards[rows]
     advantages = leave_one_out_advantages(rewards, rollout.k) if keep else rewards
     return ScoredBatch(rollout, logp_old, advantages, scores, kl, rewards, dropped, sampling)
+
+
+def with_standardized_advantages(batch: ScoredBatch, reduce=lambda sums: sums) -> ScoredBatch:
+    """``batch`` with ``standardized_advantages``; ``reduce`` sums [Σ A, Σ A², n] over processes
+    (``DataParallel.sum``) so every process standardises by the global batch."""
+    a = batch.advantages.double()
+    total, squares, count = reduce([float(a.sum()), float((a * a).sum()), float(a.numel())])
+    return dataclasses.replace(batch, advantages=standardized_advantages(batch.advantages, total, squares, count))
 
 
 def policy_loss(pair, batch: ScoredBatch, *, kind: str = "ppo", clip: float = 0.2,
