@@ -328,6 +328,14 @@ def run_dir(runs_dir, name: str, seed: int) -> Path:
     return Path(runs_dir) / f"{name}-seed{seed}"
 
 
+def start_overrides(items: list[str]) -> dict:
+    """``--start-set``: ``START_SET`` with the given ``key=value`` items on top (they add to the
+    default start, never silently drop it: a key given wins)."""
+    from zopro_kernels.rloo.cli import parse_overrides
+
+    return parse_overrides(START_SET + list(items))
+
+
 def start_config(base: dict, overrides: dict, seed: int, runs_dir, threads: int) -> dict:
     """Iteration 0 only, first order, evaluated on both splits (the sweep reads the validation one)."""
     return base | overrides | {"optimizer": "zopro", "first_iteration": "adamw", "iterations": 1, "seed": seed,
@@ -568,8 +576,9 @@ def parse_args(argv):
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "quality.yaml"))
     parser.add_argument("--reward-mode", choices=sorted(REWARD_MODES), default="functions")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys (all runs)")
-    parser.add_argument("--start-set", nargs="*", default=START_SET, metavar="KEY=VALUE",
-                        help="override keys of the shared first-order iteration 0 only")
+    parser.add_argument("--start-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override keys of the shared first-order iteration 0 only, on top of "
+                             f"{' '.join(START_SET)} (a key given here wins)")
     parser.add_argument("--settings", help="JSON {method: {key: value}} (the sweep's choice) or a sweep results file")
     parser.add_argument("--methods", nargs="+", default=list(RLOO_METHODS), choices=METHODS,
                         help=f"default: {' '.join(RLOO_METHODS)}; the preference-only {', '.join(PREFERENCE_METHODS)} "
@@ -619,7 +628,7 @@ def main(argv=None):
     base = load_base_config(args.config, args.set, args.reward_mode)
     settings = load_settings(args.settings)
     runs_dir = Path(args.runs_dir).resolve() / args.reward_mode  # the runs' subprocesses work in ROOT
-    starts = {s: start_config(base, parse_overrides(args.start_set), s, runs_dir, args.threads) for s in args.seeds}
+    starts = {s: start_config(base, start_overrides(args.start_set), s, runs_dir, args.threads) for s in args.seeds}
     zo_iterations = {m: args.zo_iterations for m in args.methods} | parse_zo_iterations_of(args.zo_iterations_of)
     configs = [method_config(base, settings, m, s, runs_dir, args.threads, zo_iterations[m])
                for s in args.seeds for m in args.methods]

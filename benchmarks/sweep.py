@@ -114,7 +114,8 @@ def main(argv=None):
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "quality.yaml"))
     parser.add_argument("--reward-mode", choices=sorted(bench_reward.REWARD_MODES), default="functions")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--start-set", nargs="*", default=bench_reward.START_SET, metavar="KEY=VALUE")
+    parser.add_argument("--start-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help=f"on top of {' '.join(bench_reward.START_SET)}, as bench_reward.py")
     parser.add_argument("--grid", action="append", required=True, help="method:key=v1,v2[:key=...]")
     parser.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0],
                         help="seeds whose start runs' validation splits score each point (mean over them)")
@@ -125,7 +126,6 @@ def main(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--tag", default=None)
     args = parser.parse_args(argv)
-    from zopro_kernels.rloo.cli import parse_overrides
     from zopro_kernels.rloo.config import TrainConfig
 
     base = bench_reward.load_base_config(args.config, args.set, args.reward_mode)
@@ -135,7 +135,7 @@ def main(argv=None):
         for point in points:
             TrainConfig.from_dict(bench_reward.method_config(base, {method: point}, method, args.seeds[0],
                                                              runs_dir, args.threads, zo_iterations=1))
-    start_set = parse_overrides(args.start_set)
+    start_set = bench_reward.start_overrides(args.start_set)
     starts = {seed: bench_reward.start_config(base, start_set, seed, runs_dir, args.threads) for seed in args.seeds}
     started = time.perf_counter()
     bench_reward.run_all(list(starts.values()), args.jobs)

@@ -509,7 +509,7 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
     config_path = _tiny_task(tmp_path, config)
     bench_reward, sweep = _bench("bench_reward"), _bench("sweep")
     runs, out = tmp_path / "runs", tmp_path / "results"
-    common = ["--config", str(config_path), "--start-set", "num_iterations=3", "--threads", "1",
+    common = ["--config", str(config_path), "--start-set", "num_iterations=3", "steps_per_iteration=1", "--threads", "1",
               "--runs-dir", str(runs), "--out", str(out)]
     # MeZO runs one iteration more: compared at equal steps at ZOPrO's last step, at equal cost too
     args = common + ["--reward-mode", "functions", "--methods", "zopro", "mezo", "--seeds", "3",
@@ -704,6 +704,15 @@ def test_reward_model_study_fits_every_setting_from_the_same_start(tmp_path):
     assert path.with_suffix(".md").read_text().count("| 6 |") == 2
     with pytest.raises(SystemExit, match="validation split"):
         study.main(args + ["--set", "validation_prompts=0"])
+
+
+def test_start_set_adds_to_the_default_start_rather_than_replacing_it():
+    bench_reward = _bench("bench_reward")
+    assert bench_reward.start_overrides([]) == {"num_iterations": 4, "steps_per_iteration": 3}
+    assert bench_reward.start_overrides(["reward_warmup_prompts=1024"]) == {
+        "num_iterations": 4, "steps_per_iteration": 3, "reward_warmup_prompts": 1024}
+    assert bench_reward.start_overrides(["steps_per_iteration=12", "num_iterations=2"]) == {
+        "num_iterations": 2, "steps_per_iteration": 12}
 
 
 def test_phase_costs_count_what_each_method_spent_after_the_start():
