@@ -57,6 +57,10 @@ def draw_pairs(trainer, prompts: list[str], purpose: int, first_round: int):
     return PreferencePairs(*(cat(f) for f in ("accepted_ids", "accepted_mask", "rejected_ids", "rejected_mask"))), ties
 
 
+def _norm(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "quality.yaml"))
@@ -65,6 +69,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, nargs="+", default=[128, 256, 512], help="warm-up prompts (one pair each)")
     parser.add_argument("--epochs", type=int, nargs="+", default=[3])
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3])
+    parser.add_argument("--max-grad-norm", type=_norm, nargs="+", default=[None],
+                        help="clip R's gradient norm (reward_max_grad_norm); none: off")
     parser.add_argument("--test-rounds", type=int, default=8, help="passes over the validation prompts for test pairs")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -77,7 +83,7 @@ def main(argv=None):
     from zopro_kernels.rloo.assets import resolve_prompts
     from zopro_kernels.rloo.cli import build_judge, build_pair
     from zopro_kernels.rloo.config import TrainConfig
-    from zopro_kernels.rloo.loop import RLOOTrainer
+    from zopro_kernels.rloo.loop import RLOOTrainer, derived_seed
     from zopro_kernels.rloo.refine import pair_accuracy, refine_reward_model, reward_optimizer
 
     if args.threads:
@@ -98,21 +104,23 @@ def main(argv=None):
           f"({test_ties} ties) in {time.perf_counter() - started:.0f} s", flush=True)
     initial = (pair.reward_tensors(), {k: v.clone() for k, v in pair.value_head.state_dict().items()})
     rows = []
-    for warmup, epochs, lr in itertools.product(sorted(args.warmup), args.epochs, args.lr):
+    for warmup, epochs, lr, clip in itertools.product(sorted(args.warmup), args.epochs, args.lr, args.max_grad_norm):
         pair.load_adapter_tensors("reward", initial[0])
         pair.value_head.load_state_dict(initial[1])
         # N warm-up prompts: about the first N/max of the pool's pairs (pairs keep prompt order, ties dropped)
         used = train_pairs.subset(torch.arange(round(len(train_pairs) * warmup / max(args.warmup))))
         fit_started = time.perf_counter()
+        # the loop's minibatch order (its warm-up's seed): at the loop's settings this is its R_0
         losses = refine_reward_model(pair, used, reward_optimizer(pair, lr), epochs=epochs,
-                                     batch_size=config.reward_batch_size, seed=args.seed)
+                                     batch_size=config.reward_batch_size, seed=derived_seed(args.seed, 0, 0, 3),
+                                     max_grad_norm=clip)
         accuracy = pair_accuracy(pair, test_pairs)
         low, high = wilson(round(accuracy * len(test_pairs)), len(test_pairs))
-        rows.append({"warmup_prompts": warmup, "pairs": len(used), "epochs": epochs, "lr": lr,
+        rows.append({"warmup_prompts": warmup, "pairs": len(used), "epochs": epochs, "lr": lr, "max_grad_norm": clip,
                      "test_accuracy": accuracy, "low": low, "high": high,
                      "train_accuracy": pair_accuracy(pair, used), "bt_loss_last": losses[-1] if losses else math.nan,
                      "fit_seconds": time.perf_counter() - fit_started})
-        print(f"[reward-model] warm-up {warmup} ({len(used)} pairs), {epochs} epochs, lr {lr:g}: "
+        print(f"[reward-model] warm-up {warmup} ({len(used)} pairs), {epochs} epochs, lr {lr:g}, clip {clip}: "
               f"test {accuracy:.3f} [{low:.3f}, {high:.3f}], train {rows[-1]['train_accuracy']:.3f}, "
               f"{rows[-1]['fit_seconds']:.0f} s", flush=True)
     env = environment(pair.device, command_argv(__file__, argv))
@@ -120,10 +128,11 @@ def main(argv=None):
              f"{config.judge}, ties dropped), tested on {len(test_pairs)} pairs of π_0 from the {len(trainer.validation_prompts)}"
              f" validation prompts × {args.test_rounds} samplings ({test_ties} ties dropped); seed {args.seed}, "
              f"minibatch {config.reward_batch_size}.", "", environment_line(env), "",
-             "| warm-up prompts | pairs | epochs | lr | test accuracy [95 % Wilson] | train accuracy | fit s |",
-             "|---|---|---|---|---|---|---|"]
+             "| warm-up prompts | pairs | epochs | lr | gradient clip | test accuracy [95 % Wilson] | train accuracy "
+             "| fit s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['warmup_prompts']} | {r['pairs']} | {r['epochs']} | {r['lr']:g} | {r['test_accuracy']:.3f} "
+        clip = "—" if r["max_grad_norm"] is None else f"{r['max_grad_norm']:g}"
+        lines.append(f"| {r['warmup_prompts']} | {r['pairs']} | {r['epochs']} | {r['lr']:g} | {clip} | {r['test_accuracy']:.3f} "
                      f"[{r['low']:.3f}, {r['high']:.3f}] | {r['train_accuracy']:.3f} | {r['fit_seconds']:.0f} |")
     table = "\n".join(lines) + "\n"
     write_results(results_stem(args.out, "reward-model", env, args.tag), env, rows, table, seed=args.seed,

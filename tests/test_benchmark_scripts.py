@@ -702,6 +702,8 @@ def test_reward_model_study_fits_every_setting_from_the_same_start(tmp_path):
     data = json.loads(path.read_text())
     assert data["results"] == json.loads(json.dumps(rows)) and 0 < data["test_pairs"] <= 8
     assert path.with_suffix(".md").read_text().count("| 6 |") == 2
+    assert all(r["max_grad_norm"] is None for r in rows)  # no clip unless asked
+    assert study._norm("none") is None and study._norm("1.5") == 1.5
     with pytest.raises(SystemExit, match="validation split"):
         study.main(args + ["--set", "validation_prompts=0"])
 

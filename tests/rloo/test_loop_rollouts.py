@@ -186,3 +186,17 @@ def test_normalized_advantages_make_the_zo_step_independent_of_the_reward_scale(
     assert difference <= 1e-3 * size  # the same step (up to the 1e-4 in std + 1e-4)
     raw = math.sqrt(sum(float(d.double().square().sum()) for d in moved["raw"].values()))
     assert raw > 10 * size or not math.isfinite(raw)  # without it the step grows with the reward's scale
+
+
+def test_a_reward_model_that_does_not_fit_its_warm_up_pairs_is_said_and_counted(tmp_path, capsys):
+    from zopro_kernels.rloo.judges import ScoreJudge
+
+    longer = ScoreJudge(lambda prompt, response: len(response))  # few ties: enough pairs for the check
+    # a learning rate too small to move R: it orders its own pairs no better than at its initialisation
+    config = tiny_config(tmp_path, reward_warmup_prompts=96, reward_lr=1e-12, reward_epochs=2, iterations=1,
+                         steps_per_iteration=1, eval_prompts=0)
+    trainer = train(config, pair=make_pair(), prompts=PROMPTS, judge=longer)
+    warmup = next(m for m in metrics(tmp_path) if m.get("event") == "reward_warmup")
+    assert warmup["pairs"] >= 50 and len(warmup["bt_loss_epochs"]) == 2
+    assert warmup["pair_accuracy_after"] < 0.6 and trainer.counters["reward_unfit"] == 1
+    assert "did not fit them; lower reward_lr or set reward_max_grad_norm" in capsys.readouterr().out

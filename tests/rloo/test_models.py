@@ -139,6 +139,31 @@ def test_refinement_raises_held_out_pair_accuracy():
     assert all(torch.equal(policy_before[k], v) for k, v in pair.policy_tensors().items())  # policy untouched
 
 
+def test_refinement_clips_the_reward_gradient_norm_before_each_step():
+    from zopro_kernels.rloo.refine import bradley_terry_loss
+
+    pairs = synthetic_pairs(make_pair(seed=0).tokenizer, 8, seed=1)
+    moved = {}
+    for clip in (None, 1e-3):
+        pair = make_pair(seed=0)
+        parameters = list(pair.reward_parameters.values()) + list(pair.value_head.parameters())
+        before = [p.detach().clone() for p in parameters]
+        if clip is None:  # the reference: the gradient of the same minibatch, by hand
+            bradley_terry_loss(pair, pairs).backward()
+            norm = float(torch.sqrt(sum(p.grad.double().square().sum() for p in parameters if p.grad is not None)))
+            pair.value_head.zero_grad(set_to_none=True)
+            for p in parameters:
+                p.grad = None
+        # plain SGD, lr 1, one minibatch of all 8 pairs: the step is the (clipped) gradient itself
+        refine_reward_model(pair, pairs, torch.optim.SGD(parameters, lr=1.0), epochs=1, batch_size=8, seed=0,
+                            max_grad_norm=clip)
+        moved[clip] = float(torch.sqrt(sum((p.detach() - b).double().square().sum()
+                                           for p, b in zip(parameters, before))))
+    assert norm > 1e-2  # the clip below binds
+    assert moved[None] == pytest.approx(norm, rel=1e-4)
+    assert moved[1e-3] == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_call_judge_checks_verdicts():
     judge = ScoreJudge(lambda p, r: len(r))
     assert call_judge(judge, "p", "long answer", "short") == 0 and call_judge(judge, "p", "a", "longer") == 1

@@ -142,6 +142,7 @@ class TrainConfig:
     reward_lr: float = 1e-4
     reward_epochs: int = 2
     reward_batch_size: int = 8
+    reward_max_grad_norm: float | None = None  # clip R's gradient norm per step (TRL's RewardTrainer: 1.0); None: off
     reward_warmup: bool = True             # fit R_0 on pairs from π_0 before iteration 0
     reward_warmup_prompts: int | None = None  # prompts (one pair each) for that warm-up; default: iteration 0's chunk
 

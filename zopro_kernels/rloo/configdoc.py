@@ -117,6 +117,8 @@ KEYS: dict[str, tuple[str, str]] = {
     "reward_lr": ("AdamW learning rate of the reward adapter and value head.", OURS),
     "reward_epochs": ("Bradley–Terry epochs per refinement.", OURS),
     "reward_batch_size": ("Preference pairs per reward-model step.", OURS),
+    "reward_max_grad_norm": ("Clip the reward model's gradient norm to this before each step (none: off).",
+                             f"{OURS}: TRL's RewardTrainer clips at `max_grad_norm` (1.0 by default)"),
     "reward_warmup": ("Fit R_0 on pairs from π_0 before iteration 0.", OURS),
     "reward_warmup_prompts": ("Prompts (one pair each) of that warm-up (default: iteration 0's chunk).", OURS),
     "judge_temperature": ("Judge `simulated:<score>`: τ of P(a ≻ b) = σ((s_a − s_b)/τ).", OURS),

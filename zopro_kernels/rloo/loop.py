@@ -46,6 +46,10 @@ from .parallel import DataParallel, tensor_fingerprint, text_fingerprint
 from .refine import PreferencePairs, finite_pairs, pair_accuracy, refine_reward_model, reward_optimizer
 from .sampling import sample_completions
 
+# a reward model that orders fewer than this share of the pairs it was just fitted on did not fit
+# them (a working fit reaches 0.9 and more): said once per refinement and counted (reward_unfit)
+UNFIT_ACCURACY, UNFIT_MIN_PAIRS = 0.6, 50
+
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 ADAPTERS = "adapters"
@@ -148,7 +152,7 @@ class RLOOTrainer:
         self.delta_sq = {"first": None, "last": None}  # ‖Δπ‖² of the first and the latest iteration
         self.last_reward_delta = None  # ΔR of the last refinement (for ∠(ΔR_{t−1}, Δπ_t))
         self.counters = {"judge_failures": 0, "judge_ties": 0, "nonfinite_reward_prompts": 0,
-                         "nonfinite_reward_pairs": 0,
+                         "nonfinite_reward_pairs": 0, "reward_unfit": 0,
                          "skipped_steps": 0, "skipped_long_prompts": self.skipped_long_prompts}
         self.history: list[dict] = []
         self.tensorboard = None  # opened by run() (report_to: tensorboard), rank 0
@@ -409,12 +413,21 @@ class RLOOTrainer:
         # the minibatch order must not depend on the process: the unranked seed
         losses = refine_reward_model(self.pair, pairs, self.reward_adamw, epochs=c.reward_epochs,
                                      batch_size=c.reward_batch_size, seed=derived_seed(c.seed, iteration, 0, purpose),
-                                     parallel=self.parallel)
+                                     parallel=self.parallel, max_grad_norm=c.reward_max_grad_norm)
         kill_point("IN_REFINEMENT", iteration)  # test-only (tests/rloo/test_kill.py): R moved, nothing logged
+        after = pair_accuracy(self.pair, pairs, parallel=self.parallel)
+        per_epoch = len(losses) // max(c.reward_epochs, 1)
+        epochs = [sum(losses[i:i + per_epoch]) / per_epoch for i in range(0, per_epoch * c.reward_epochs, per_epoch)] \
+            if per_epoch else []
+        count = int(self.parallel.sum([len(pairs)])[0])
+        if count >= UNFIT_MIN_PAIRS and after < UNFIT_ACCURACY:
+            self.counters["reward_unfit"] = self.counters.get("reward_unfit", 0) + 1  # older checkpoints lack it
+            self.say(f"iteration {iteration}: the reward model orders only {after:.0%} of the {count} pairs it was "
+                     f"just fitted on (Bradley–Terry loss per epoch {', '.join(f'{v:.3f}' for v in epochs)}): it "
+                     "did not fit them; lower reward_lr or set reward_max_grad_norm")
         return info | {"bt_loss_first": losses[0] if losses else math.nan,
-                       "bt_loss_last": losses[-1] if losses else math.nan,
-                       "pair_accuracy_before": before, "fresh_pair_accuracy": before,
-                       "pair_accuracy_after": pair_accuracy(self.pair, pairs, parallel=self.parallel)}
+                       "bt_loss_last": losses[-1] if losses else math.nan, "bt_loss_epochs": epochs,
+                       "pair_accuracy_before": before, "fresh_pair_accuracy": before, "pair_accuracy_after": after}
 
     def evaluate(self, iteration: int) -> float:
         """Mean judge score on the evaluation split(s) (``eval_split``), ``num_generations_eval`` per prompt,

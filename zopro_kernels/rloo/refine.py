@@ -69,8 +69,11 @@ def pair_accuracy(pair, pairs: PreferencePairs, batch_size: int = 32, parallel=N
 
 
 def refine_reward_model(pair, pairs: PreferencePairs, optimizer: torch.optim.Optimizer, *, epochs: int = 1,
-                        batch_size: int = 8, seed: int = 0, parallel=None) -> list[float]:
+                        batch_size: int = 8, seed: int = 0, parallel=None,
+                        max_grad_norm: float | None = None) -> list[float]:
     """A few epochs of Bradley–Terry on the pairs; returns the loss of each minibatch.
+    ``max_grad_norm``: the (process-summed) gradient's norm is clipped to it before each step
+    (``torch.nn.utils.clip_grad_norm_``, as transformers' Trainer does for TRL's RewardTrainer).
 
     Data parallel (``parallel``): the pairs are every process's pairs, concatenated in rank
     order; all processes draw the same minibatches of that global list, each computes the loss
@@ -103,6 +106,8 @@ def refine_reward_model(pair, pairs: PreferencePairs, optimizer: torch.optim.Opt
             value = parallel.sum_gradients(parameters, loss) if parallel is not None else float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError("Bradley–Terry loss is not finite; lower the reward learning rate")
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_grad_norm)
             optimizer.step()
             losses.append(value)
     optimizer.zero_grad(set_to_none=True)
