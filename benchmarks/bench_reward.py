@@ -378,6 +378,9 @@ def settings_mismatch(recorded: dict, wanted: dict) -> list[str]:
                   if recorded.get(k, defaults.get(k, missing)) != wanted.get(k, missing))
 
 
+_TRUSTED_BY_NAME: set[Path] = set()
+
+
 def finished(config: dict) -> bool:
     """The run's metrics end with the evaluation after its last iteration. A run directory holding a
     run (finished or not) launched with other settings stops the benchmark: runs are found by
@@ -397,7 +400,8 @@ def finished(config: dict) -> bool:
     done = [r for r in records if r.get("event") == "iteration"]
     complete = bool(done) and (done[-1]["iteration"] == config.get("iterations", 5) - 1 or "stopped" in done[-1]) \
         and records[-1].get("event") in ("eval", "iteration")
-    if complete and not recorded.exists():  # runs from before settings were recorded: trusted by their name
+    if complete and not recorded.exists() and out not in _TRUSTED_BY_NAME:  # runs from before settings were
+        _TRUSTED_BY_NAME.add(out)                                            # recorded: said once per run
         print(f"[bench] {out}: no {RUN_SETTINGS}, reused by its directory name", flush=True)
     return complete
 
@@ -628,14 +632,16 @@ def main(argv=None):
     base = load_base_config(args.config, args.set, args.reward_mode)
     settings = load_settings(args.settings)
     runs_dir = Path(args.runs_dir).resolve() / args.reward_mode  # the runs' subprocesses work in ROOT
-    starts = {s: start_config(base, start_overrides(args.start_set), s, runs_dir, args.threads) for s in args.seeds}
+    start_set = start_overrides(args.start_set)
+    starts = {s: start_config(base, start_set, s, runs_dir, args.threads) for s in args.seeds}
     zo_iterations = {m: args.zo_iterations for m in args.methods} | parse_zo_iterations_of(args.zo_iterations_of)
     configs = [method_config(base, settings, m, s, runs_dir, args.threads, zo_iterations[m])
                for s in args.seeds for m in args.methods]
     started = time.perf_counter()
     if not args.aggregate_only:
         if not args.force:  # a directory holding another setting's run stops the benchmark before anything runs
-            [finished(c) for c in list(starts.values()) + configs]
+            for config in list(starts.values()) + configs:
+                finished(config)
         run_all(list(starts.values()), args.jobs, args.force)
         run_all(configs, args.jobs, args.force)
     records = [r for r in map(run_record, list(starts.values()) + configs) if r is not None]

@@ -139,14 +139,12 @@ def main(argv=None):
     starts = {seed: bench_reward.start_config(base, start_set, seed, runs_dir, args.threads) for seed in args.seeds}
     started = time.perf_counter()
     bench_reward.run_all(list(starts.values()), args.jobs)
-    grid = []  # (method, point, seed, config), point by point, each on every seed
-    for method, points in grids:
-        for point in points:
-            name = point_name(method, point)
-            grid += [(method, point, seed, bench_reward.method_config(
+    grid = [(method, point, {seed: bench_reward.method_config(
                 base, {method: point}, method, seed, runs_dir, args.threads, zo_iterations=1,
-                eval_split="validation", name=name)) for seed in args.seeds]
-    for *_, config in grid:  # a run dir holding another setting's run stops the sweep before anything runs
+                eval_split="validation", name=point_name(method, point)) for seed in args.seeds})
+            for method, points in grids for point in points]  # point by point, each on every seed
+    runs = [config for *_, configs in grid for config in configs.values()]
+    for config in runs:  # a run dir holding another setting's run stops the sweep before anything runs
         bench_reward.finished(config)
 
     def run_point(config):
@@ -157,21 +155,18 @@ def main(argv=None):
         bench_reward.launch(config)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(run_point, [item[-1] for item in grid]))
+        list(pool.map(run_point, runs))
     results, skipped = {}, []
-    for method, points in grids:
-        for point in points:
-            configs = {seed: config for m, p, seed, config in grid if m == method and p == point}
-            if not all(map(bench_reward.finished, configs.values())):
-                skipped.append(point_name(method, point))
-                continue
-            minutes = sum((bench_reward.run_record(c) or {"wall_seconds": math.nan})["wall_seconds"]
-                          for c in configs.values()) / 60
-            results.setdefault(method, []).append({"settings": point, "minutes": minutes} | validation_gain(
-                {seed: (Path(c["output_dir"]) / "metrics.jsonl", Path(starts[seed]["output_dir"]) / "metrics.jsonl")
-                 for seed, c in configs.items()}))
-            print(f"[sweep] {point_name(method, point)}: validation gain {results[method][-1]['gain']:+.4f}",
-                  flush=True)
+    for method, point, configs in grid:
+        if not all(map(bench_reward.finished, configs.values())):
+            skipped.append(point_name(method, point))
+            continue
+        minutes = sum((bench_reward.run_record(c) or {"wall_seconds": math.nan})["wall_seconds"]
+                      for c in configs.values()) / 60
+        results.setdefault(method, []).append({"settings": point, "minutes": minutes} | validation_gain(
+            {seed: (Path(c["output_dir"]) / "metrics.jsonl", Path(starts[seed]["output_dir"]) / "metrics.jsonl")
+             for seed, c in configs.items()}))
+        print(f"[sweep] {point_name(method, point)}: validation gain {results[method][-1]['gain']:+.4f}", flush=True)
     chosen = choose(results)
     device = torch.device("cuda" if torch.cuda.is_available() and base.get("device", "auto") != "cpu" else "cpu")
     env = environment(device, command_argv(__file__, argv))

@@ -41,14 +41,16 @@ RESUME_MUST_MATCH = (
     "dtype", "load_in_4bit", "lora_r", "lora_alpha", "lora_targets", "policy_adapter", "reward_adapter",
     "shared_lora_init",
     "num_generations", "max_completion_length", "max_prompt_tokens", "max_length", "temperature", "top_k",
-    "top_p", "beta", "objective", "clip", "normalize_advantages", "logprob_chunk", "num_iterations", "reward_model", "reward_funcs",
+    "top_p", "beta", "objective", "clip", "normalize_advantages", "logprob_chunk", "num_iterations",
+    "reward_model", "reward_funcs",
     "optimizer", "first_iteration", "prompt_fraction", "batch_prompts", "steps_per_iteration", "lr",
     "max_projected_grad",
     "direction_norm", "rescale_guided_lr", "directions", "spsa_lr", "eps", "adamw_lr", "weight_decay",
     "alpha", "granularity",
     "guided", "judge_queries", "trim_delta", "link", "weibull_shape", "two_sided", "perturbation", "blocks",
     "block_tensors", "rank_policies", "judge_temperature",  # the preference-only modes
-    "reward_lr", "reward_epochs", "reward_batch_size", "reward_max_grad_norm", "reward_warmup", "reward_warmup_prompts",
+    "reward_lr", "reward_epochs", "reward_batch_size", "reward_max_grad_norm", "reward_warmup",
+    "reward_warmup_prompts",
     "seed", "eval_prompts", "validation_prompts", "num_generations_eval", "eval_split", "start_from",
 )
 # Of those, the keys an override cannot change: the checkpoint's tensors and optimizer state

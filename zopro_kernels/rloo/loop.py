@@ -416,12 +416,11 @@ class RLOOTrainer:
                                      parallel=self.parallel, max_grad_norm=c.reward_max_grad_norm)
         kill_point("IN_REFINEMENT", iteration)  # test-only (tests/rloo/test_kill.py): R moved, nothing logged
         after = pair_accuracy(self.pair, pairs, parallel=self.parallel)
-        per_epoch = len(losses) // max(c.reward_epochs, 1)
-        epochs = [sum(losses[i:i + per_epoch]) / per_epoch for i in range(0, per_epoch * c.reward_epochs, per_epoch)] \
-            if per_epoch else []
-        count = int(self.parallel.sum([len(pairs)])[0])
+        n = len(losses) // c.reward_epochs  # minibatches per epoch
+        epochs = [sum(losses[e * n:(e + 1) * n]) / n for e in range(c.reward_epochs)] if n else []
+        count = info["pairs"] - nonfinite  # every process's pairs (both already summed)
         if count >= UNFIT_MIN_PAIRS and after < UNFIT_ACCURACY:
-            self.counters["reward_unfit"] = self.counters.get("reward_unfit", 0) + 1  # older checkpoints lack it
+            self.counters["reward_unfit"] += 1
             self.say(f"iteration {iteration}: the reward model orders only {after:.0%} of the {count} pairs it was "
                      f"just fitted on (Bradley–Terry loss per epoch {', '.join(f'{v:.3f}' for v in epochs)}): it "
                      "did not fit them; lower reward_lr or set reward_max_grad_norm")
