@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -446,12 +446,45 @@ def load_base_config(path: str | None, overrides: list[str], reward_mode: str | 
     return TrainConfig.from_dict(base | mode | parse_overrides(overrides)).to_dict()
 
 
-def run_all(configs: list[dict], jobs: int, force: bool = False) -> list[dict]:
-    todo = [c for c in configs if force or not finished(c)]
+def run_all(starts: dict[int, dict], configs: list[dict], jobs: int, force: bool = False,
+            run=None) -> None:
+    """Every start run, then each method run as soon as its seed's start is done, ``jobs`` at a time.
+
+    A free slot takes the first waiting run, in the given order, whose start is done, so no slot
+    idles while one seed's start holds the others back. ``run`` runs one method config (default:
+    ``launch`` unless it finished). A failed start leaves its seed's runs out; failures are raised
+    after every other run is done."""
+    def run_start(config):
+        if force or not finished(config):
+            launch(config)
+
+    todo = [c for c in list(starts.values()) + configs if force or not finished(c)]
     if todo:
-        print(f"[bench] {len(todo)} run(s) to do of {len(configs)}, {jobs} at a time", flush=True)
+        print(f"[bench] {len(todo)} run(s) to do of {len(starts) + len(configs)}, {jobs} at a time", flush=True)
+    # (what runs it, its config, the seed whose start it waits for)
+    waiting = [(run_start, c, None) for c in starts.values()] + [(run or run_start, c, c["seed"]) for c in configs]
+    started, failed, errors = set(), set(), []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(launch, todo))
+        running = {}
+        while waiting or running:
+            waiting = [task for task in waiting if task[2] not in failed]
+            while len(running) < jobs:
+                task = next((t for t in waiting if t[2] is None or t[2] in started), None)
+                if task is None:
+                    break
+                waiting.remove(task)
+                running[pool.submit(task[0], task[1])] = task
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                _, config, after = running.pop(future)
+                if future.exception() is not None:
+                    errors.append(future.exception())
+                if after is None:  # a start: its seed's runs may go (or are left out)
+                    (failed if future.exception() is not None else started).add(config["seed"])
+    if errors:
+        raise errors[0]
 
 
 def start_step_of(start: dict) -> int:
@@ -642,8 +675,7 @@ def main(argv=None):
         if not args.force:  # a directory holding another setting's run stops the benchmark before anything runs
             for config in list(starts.values()) + configs:
                 finished(config)
-        run_all(list(starts.values()), args.jobs, args.force)
-        run_all(configs, args.jobs, args.force)
+        run_all(starts, configs, args.jobs, args.force)
     records = [r for r in map(run_record, list(starts.values()) + configs) if r is not None]
     runs, start_step = {}, {}
     for c in configs:

@@ -26,7 +26,6 @@ import math
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -138,7 +137,6 @@ def main(argv=None):
     start_set = bench_reward.start_overrides(args.start_set)
     starts = {seed: bench_reward.start_config(base, start_set, seed, runs_dir, args.threads) for seed in args.seeds}
     started = time.perf_counter()
-    bench_reward.run_all(list(starts.values()), args.jobs)
     grid = [(method, point, {seed: bench_reward.method_config(
                 base, {method: point}, method, seed, runs_dir, args.threads, zo_iterations=1,
                 eval_split="validation", name=point_name(method, point)) for seed in args.seeds})
@@ -154,8 +152,7 @@ def main(argv=None):
             return
         bench_reward.launch(config)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(run_point, runs))
+    bench_reward.run_all(starts, runs, args.jobs, run=run_point)
     results, skipped = {}, []
     for method, point, configs in grid:
         if not all(map(bench_reward.finished, configs.values())):

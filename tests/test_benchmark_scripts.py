@@ -717,6 +717,35 @@ def test_start_set_adds_to_the_default_start_rather_than_replacing_it():
         "num_iterations": 2, "steps_per_iteration": 12}
 
 
+def test_a_seeds_runs_start_when_its_start_is_done_not_after_every_start(monkeypatch):
+    import threading
+
+    bench_reward = _bench("bench_reward")
+    seed0_ran, launched = threading.Event(), []
+
+    def fake_launch(config):
+        launched.append(config["name"])
+        if config["name"] == "start-1":  # a slow start: seed 0's runs should fill the other slot meanwhile
+            config["saw_seed0"] = seed0_ran.wait(timeout=5)
+        if config["name"] == "start-2":
+            raise RuntimeError("start-2 failed")
+        if config["name"] == "zopro-0":
+            seed0_ran.set()
+        return {}
+
+    monkeypatch.setattr(bench_reward, "launch", fake_launch)
+    monkeypatch.setattr(bench_reward, "finished", lambda config: False)
+    starts = {s: {"name": f"start-{s}", "seed": s} for s in (0, 1, 2)}
+    configs = [{"name": f"{m}-{s}", "seed": s} for s in (0, 1, 2) for m in ("zopro", "mezo")]
+    with pytest.raises(RuntimeError, match="start-2 failed"):
+        bench_reward.run_all(starts, configs, jobs=2)
+    assert starts[1]["saw_seed0"]  # zopro-0 ran while start-1 was still running
+    # starts first, then each seed's runs in the given order; seed 2's start failed, so its runs never ran
+    assert set(launched) == {"start-0", "start-1", "start-2", "zopro-0", "mezo-0", "zopro-1", "mezo-1"}
+    assert launched[:2] == ["start-0", "start-1"] and launched.index("zopro-0") < launched.index("mezo-0")
+    assert launched.index("zopro-1") < launched.index("mezo-1")
+
+
 def test_phase_costs_count_what_each_method_spent_after_the_start():
     bench_reward = _bench("bench_reward")
     base = {"batch_prompts": 8, "num_generations": 4, "directions": 1, "rank_policies": 4,
