@@ -168,7 +168,7 @@ def test_normalized_advantages_make_the_zo_step_independent_of_the_reward_scale(
     def rescaled(prompt, completion):  # the same preferences in other units (a reward model's logits, say)
         return 100.0 * characters(prompt, completion) - 7.0
 
-    moved = {}
+    moved, spreads = {}, {}
     for name, reward, normalize in (("characters", characters, True), ("rescaled", rescaled, True), ("raw", rescaled, False)):
         pair = make_pair()
         before = {k: v.clone() for k, v in pair.policy_tensors().items()}
@@ -179,6 +179,11 @@ def test_normalized_advantages_make_the_zo_step_independent_of_the_reward_scale(
                              normalize_advantages=normalize)
         trainer = train(config, pair=pair, prompts=PROMPTS, judge=word_count_judge())
         moved[name] = {k: v - before[k] for k, v in trainer.pair.policy_tensors().items()}
+        spreads[name] = [m["advantage_std"] for m in metrics(tmp_path / name) if "step" in m]
+    # each step records the advantages' spread as sampled (the reward's units), standardised or not
+    assert len(spreads["raw"]) == 2 and spreads["characters"][0] > 0
+    assert spreads["rescaled"] == pytest.approx([100 * v for v in spreads["characters"]], rel=1e-9)
+    assert spreads["raw"] == pytest.approx(spreads["rescaled"], rel=1e-12)
     size = math.sqrt(sum(float(d.double().square().sum()) for d in moved["characters"].values()))
     assert size > 0
     difference = math.sqrt(sum(float((moved["characters"][k] - moved["rescaled"][k]).double().square().sum())

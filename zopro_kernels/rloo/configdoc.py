@@ -63,7 +63,8 @@ KEYS: dict[str, tuple[str, str]] = {
              "perturbation ε, and `epsilon` beside `eps` would read as one setting"),
     "normalize_advantages": ("Standardise the advantages over each sampled batch (all processes): (A − mean) / "
                              "(std + 1e-4). J then reads in units of the batch's spread, not of the reward, so one "
-                             "step size serves a reward model's logits and a judge's [−1, 1] score alike.", SAME),
+                             "step size serves a reward model's logits and a judge's [−1, 1] score alike (an lr found "
+                             "without it: × the steps' recorded advantage_std).", SAME),
     "logprob_chunk": ("Sequence positions per vocabulary projection (memory of the log-prob pass).", OURS),
     "num_iterations": ("Optimisation steps per sampled rollout (μ); π_old fixed at sampling.", SAME),
     # rewards

@@ -41,7 +41,7 @@ from .checkpoint import (RESUME_NOT_OVERRIDABLE, atomic_directory, kill_point, l
 from .config import PREFERENCE_MODES, TrainConfig, canonical_keys
 from .judges import JudgeError, call_judge
 from .logprobs import SamplingDistribution
-from .objective import mean_finite, policy_loss, score_rollout, with_standardized_advantages
+from .objective import advantage_moments, mean_finite, policy_loss, score_rollout, spread, with_standardized_advantages
 from .parallel import DataParallel, tensor_fingerprint, text_fingerprint
 from .refine import PreferencePairs, finite_pairs, pair_accuracy, refine_reward_model, reward_optimizer
 from .sampling import sample_completions
@@ -302,15 +302,17 @@ class RLOOTrainer:
                               seed=derived_seed(c.seed, iteration, rollout_index, 1, parallel.rank))
         batch = score_rollout(self.pair, rollout, beta=c.beta, chunk_size=c.logprob_chunk,
                               reward_model=c.reward_model, reward_funcs=self.reward_funcs, sampling=self.sampling)
-        if c.normalize_advantages:  # over the global batch: every process steps along the same J
-            batch = with_standardized_advantages(batch, parallel.sum)
+        moments = advantage_moments(batch, parallel.sum)  # the global batch's, as sampled
+        if c.normalize_advantages:  # every process steps along the same J
+            batch = with_standardized_advantages(batch, moments=moments)
         completions = parallel.gather_int(batch.advantages.numel())
         dropped = int(parallel.sum([batch.dropped_prompts])[0])
         self.counters["nonfinite_reward_prompts"] += dropped
         base = {"iteration": iteration, "rollout": rollout_index, "mode": mode, "dropped_prompts": dropped}
         reward, score, kl, task = parallel.means_of(batch.rewards, batch.scores, batch.kl,
                                                     self.judge_scores(batch.rollout))
-        base |= {"reward": reward, "reward_score": score, "kl": kl, "task_score": task}
+        base |= {"reward": reward, "reward_score": score, "kl": kl, "task_score": task,
+                 "advantage_std": spread(*moments)}  # the reward's scale in J (before any standardising)
         rollout_seconds = time.perf_counter() - started
         records = []
         for reuse in range(c.num_iterations):

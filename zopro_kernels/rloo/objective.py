@@ -35,6 +35,14 @@ def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - others).reshape(-1)
 
 
+def spread(total: float, total_squares: float, count: float) -> float:
+    """The unbiased standard deviation from Σ x, Σ x² and the count (0 for fewer than two values)."""
+    if count < 2:
+        return 0.0
+    mean = total / count
+    return math.sqrt(max((total_squares - count * mean * mean) / (count - 1), 0.0))
+
+
 def standardized_advantages(advantages: torch.Tensor, total: float, total_squares: float, count: float,
                             eps: float = 1e-4) -> torch.Tensor:
     """(A − mean) / (std + eps), mean and (unbiased) std over the whole sampled batch, given as
@@ -43,9 +51,7 @@ def standardized_advantages(advantages: torch.Tensor, total: float, total_square
     scale (a reward model's logits, a judge's [−1, 1] score)."""
     if count < 2:
         return advantages - total / max(count, 1)
-    mean = total / count
-    variance = max((total_squares - count * mean * mean) / (count - 1), 0.0)
-    return (advantages - mean) / (math.sqrt(variance) + eps)
+    return (advantages - total / count) / (spread(total, total_squares, count) + eps)
 
 
 def surrogate_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, *,
@@ -120,12 +126,18 @@ def score_rollout(pair, rollout: Rollout, *, beta: float, chunk_size: int = 64, 
     return ScoredBatch(rollout, logp_old, advantages, scores, kl, rewards, dropped, sampling)
 
 
-def with_standardized_advantages(batch: ScoredBatch, reduce=lambda sums: sums) -> ScoredBatch:
-    """``batch`` with ``standardized_advantages``; ``reduce`` sums [Σ A, Σ A², n] over processes
-    (``DataParallel.sum``) so every process standardises by the global batch."""
+def advantage_moments(batch: ScoredBatch, reduce=lambda sums: sums) -> list[float]:
+    """[Σ A, Σ A², n] of the batch's advantages; ``reduce`` sums them over processes
+    (``DataParallel.sum``) so that every process reads the global batch's."""
     a = batch.advantages.double()
-    total, squares, count = reduce([float(a.sum()), float((a * a).sum()), float(a.numel())])
-    return dataclasses.replace(batch, advantages=standardized_advantages(batch.advantages, total, squares, count))
+    return reduce([float(a.sum()), float((a * a).sum()), float(a.numel())])
+
+
+def with_standardized_advantages(batch: ScoredBatch, reduce=lambda sums: sums, moments=None) -> ScoredBatch:
+    """``batch`` with ``standardized_advantages`` over the global batch (``advantage_moments``,
+    or the ``moments`` already gathered)."""
+    moments = moments if moments is not None else advantage_moments(batch, reduce)
+    return dataclasses.replace(batch, advantages=standardized_advantages(batch.advantages, *moments))
 
 
 def policy_loss(pair, batch: ScoredBatch, *, kind: str = "ppo", clip: float = 0.2,
