@@ -204,4 +204,9 @@ def test_a_reward_model_that_does_not_fit_its_warm_up_pairs_is_said_and_counted(
     warmup = next(m for m in metrics(tmp_path) if m.get("event") == "reward_warmup")
     assert warmup["pairs"] >= 50 and len(warmup["bt_loss_epochs"]) == 2
     assert warmup["pair_accuracy_after"] < 0.6 and trainer.counters["reward_unfit"] == 1
-    assert "did not fit them; lower reward_lr or set reward_max_grad_norm" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "did not fit them; lower reward_lr or set reward_max_grad_norm" in out
+    # the warm-up, long and before the first step, is said as it starts and when it is done
+    assert "reward warm-up: sampling, judging and fitting R_0 on 96 prompts' pairs (2 epoch(s))" in out
+    assert f"R_0 orders {warmup['pair_accuracy_after']:.0%} of its {warmup['pairs']} pairs" in out
+    assert warmup["seconds"] > 0

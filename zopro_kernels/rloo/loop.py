@@ -481,7 +481,14 @@ class RLOOTrainer:
         if iteration == 0 and c.reward_warmup and c.reward_model:
             warmup_prompts = (prompts if c.reward_warmup_prompts is None else
                               [self.prompts[i % len(self.prompts)] for i in range(c.reward_warmup_prompts)])
+            # long and before the first step (the progress bar stands still): said before and after
+            self.say(f"reward warm-up: sampling, judging and fitting R_0 on {len(warmup_prompts)} prompts' pairs "
+                     f"({c.reward_epochs} epoch(s)) before the first step")
+            warming = time.perf_counter()
             warmup = self.refine(iteration, warmup_prompts, purpose=3)
+            warmup["seconds"] = self.parallel.maxima([time.perf_counter() - warming])[0]
+            self.say(f"reward warm-up done in {warmup['seconds'] / 60:.1f} min: R_0 orders "
+                     f"{warmup['pair_accuracy_after']:.0%} of its {warmup['pairs']} pairs")
             self.log({"event": "reward_warmup", "iteration": iteration, "global_step": self.global_step} | warmup)
         if iteration == 0 and (c.optimizer == "zopro" or c.guided):
             self.zo.mark_iteration()  # θ_0: Δπ_0 is formed at the end of this iteration
