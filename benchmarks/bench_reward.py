@@ -58,6 +58,7 @@ REWARD_MODES = {"model": {"reward_model": True, "reward_funcs": []},
                 "functions": {"reward_model": False, "reward_funcs": ["judge"]}}
 RUN_RECORD = "bench_run.json"  # written by launch() next to the run's metrics
 RUN_SETTINGS = "bench_settings.json"  # the settings a run was launched with, checked before it is reused
+RUN_LOCK = "bench_running.json"  # {pid, host} of the process running it: never two writers in one run dir
 # keys that say where a run lives and how it is scheduled, not what it computes
 PLACEMENT_KEYS = ("output_dir", "start_from", "threads", "progress", "plot")
 BOOTSTRAP = 4000
@@ -406,22 +407,69 @@ def finished(config: dict) -> bool:
     return complete
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def holder_of(pid: int, run_pid: int | None = None) -> dict:
+    return {"pid": pid, "host": os.uname().nodename} | ({"run_pid": run_pid} if run_pid else {})
+
+
+def claim(out: Path) -> Path:
+    """Take ``out`` for this process (``RUN_LOCK``); a run directory another live process on this
+    machine is running (a second benchmark or sweep on the same ``--runs-dir``) is refused. A lock
+    left by a process that died is taken over."""
+    lock = out / RUN_LOCK
+    mine = json.dumps(holder_of(os.getpid()))
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):  # being written this instant, or torn: treat as held
+                holder = {"pid": -1, "host": os.uname().nodename}
+            pids = [holder.get("pid", -1), holder.get("run_pid", -1)]  # the benchmark's and its run's
+            if holder.get("host") != os.uname().nodename or pids[0] < 0 or any(_alive(p) for p in pids if p > 0):
+                raise RuntimeError(f"run {out} is being run by process {holder.get('pid')} on "
+                                   f"{holder.get('host')} ({lock}); wait for it, or stop it and delete the file")
+            lock.unlink(missing_ok=True)  # its process is gone
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(mine)
+        return lock
+    raise RuntimeError(f"could not take {lock}")
+
+
 def launch(config: dict) -> dict:
     """One run in a subprocess (``--run-one``); its output goes to ``output_dir/train.log``."""
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_SETTINGS).write_text(json.dumps(run_settings(config), indent=1, sort_keys=True))
-    started = time.perf_counter()
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(out / "train.log", "w", encoding="utf-8") as log:
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-one", json.dumps(config)],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    wall = time.perf_counter() - started
-    print(f"[bench] {out.name}: exit {done.returncode} after {wall / 60:.1f} min", flush=True)
-    record = {"output_dir": str(out), "returncode": done.returncode, "wall_seconds": wall}
-    (out / RUN_RECORD).write_text(json.dumps(record))
-    if done.returncode:
-        raise RuntimeError(f"run {out} failed (exit {done.returncode}); see {out / 'train.log'}")
+    lock = claim(out)
+    try:
+        (out / RUN_SETTINGS).write_text(json.dumps(run_settings(config), indent=1, sort_keys=True))
+        started = time.perf_counter()
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        with open(out / "train.log", "w", encoding="utf-8") as log:
+            child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--run-one", json.dumps(config)],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            # the run's own pid too: it goes on writing if this process is killed
+            lock.write_text(json.dumps(holder_of(os.getpid(), child.pid)))
+            returncode = child.wait()
+        wall = time.perf_counter() - started
+        print(f"[bench] {out.name}: exit {returncode} after {wall / 60:.1f} min", flush=True)
+        record = {"output_dir": str(out), "returncode": returncode, "wall_seconds": wall}
+        (out / RUN_RECORD).write_text(json.dumps(record))
+    finally:
+        lock.unlink(missing_ok=True)
+    if returncode:
+        raise RuntimeError(f"run {out} failed (exit {returncode}); see {out / 'train.log'}")
     return record
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -744,6 +745,42 @@ def test_a_seeds_runs_start_when_its_start_is_done_not_after_every_start(monkeyp
     assert set(launched) == {"start-0", "start-1", "start-2", "zopro-0", "mezo-0", "zopro-1", "mezo-1"}
     assert launched[:2] == ["start-0", "start-1"] and launched.index("zopro-0") < launched.index("mezo-0")
     assert launched.index("zopro-1") < launched.index("mezo-1")
+
+
+def test_a_run_dir_another_live_process_is_running_is_never_launched_again(tmp_path, monkeypatch):
+    bench_reward = _bench("bench_reward")
+    out = tmp_path / "zopro-seed0"
+    out.mkdir()
+    (out / "train.log").write_text("the other process's log")
+    finished_child = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished_child.wait()
+    dead = finished_child.pid
+    launched = []
+
+    class FakeRun:  # the --run-one subprocess
+        pid = 999_999_999
+
+        def __init__(self, argv, **kwargs):
+            launched.append(argv)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(bench_reward.subprocess, "Popen", FakeRun)
+    config = {"output_dir": str(out), "optimizer": "zopro", "seed": 0}
+    lock = out / bench_reward.RUN_LOCK
+    # held by a live benchmark, or by a live run whose benchmark was killed: refused, nothing touched
+    for holder in (bench_reward.holder_of(os.getpid()), bench_reward.holder_of(dead, os.getpid())):
+        lock.write_text(json.dumps(holder))
+        with pytest.raises(RuntimeError, match=f"being run by process {holder['pid']}"):
+            bench_reward.launch(config)
+        assert (out / "train.log").read_text() == "the other process's log" and not launched
+        assert json.loads(lock.read_text()) == holder
+    # left by processes that are gone: taken over, run, and released
+    lock.write_text(json.dumps(bench_reward.holder_of(dead, dead)))
+    record = bench_reward.launch(config)
+    assert record["returncode"] == 0 and len(launched) == 1 and not lock.exists()
+    assert (out / bench_reward.RUN_RECORD).exists() and (out / bench_reward.RUN_SETTINGS).exists()
 
 
 def test_phase_costs_count_what_each_method_spent_after_the_start():
