@@ -379,7 +379,7 @@ def settings_mismatch(recorded: dict, wanted: dict) -> list[str]:
                   if recorded.get(k, defaults.get(k, missing)) != wanted.get(k, missing))
 
 
-_TRUSTED_BY_NAME: set[Path] = set()
+_TRUSTED_BY_NAME: dict[Path, bool] = {}  # run → said yet
 
 
 def finished(config: dict) -> bool:
@@ -401,10 +401,19 @@ def finished(config: dict) -> bool:
     done = [r for r in records if r.get("event") == "iteration"]
     complete = bool(done) and (done[-1]["iteration"] == config.get("iterations", 5) - 1 or "stopped" in done[-1]) \
         and records[-1].get("event") in ("eval", "iteration")
-    if complete and not recorded.exists() and out not in _TRUSTED_BY_NAME:  # runs from before settings were
-        _TRUSTED_BY_NAME.add(out)                                            # recorded: said once per run
-        print(f"[bench] {out}: no {RUN_SETTINGS}, reused by its directory name", flush=True)
+    if complete and not recorded.exists():  # a run from before settings were recorded: said by say_trusted_by_name
+        _TRUSTED_BY_NAME.setdefault(out, False)
     return complete
+
+
+def say_trusted_by_name() -> None:
+    """One line for the finished runs ``finished`` reused without recorded settings, not said before."""
+    new = sorted(path for path, said in _TRUSTED_BY_NAME.items() if not said)
+    if new:
+        where = {str(path.parent) for path in new}
+        print(f"[bench] {len(new)} run(s) from before {RUN_SETTINGS} was written, reused by their directory names "
+              f"in {', '.join(sorted(where))}: {' '.join(path.name for path in new)}", flush=True)
+        _TRUSTED_BY_NAME.update(dict.fromkeys(new, True))
 
 
 def _alive(pid: int) -> bool:
@@ -723,6 +732,7 @@ def main(argv=None):
         if not args.force:  # a directory holding another setting's run stops the benchmark before anything runs
             for config in list(starts.values()) + configs:
                 finished(config)
+            say_trusted_by_name()
         run_all(starts, configs, args.jobs, args.force)
     records = [r for r in map(run_record, list(starts.values()) + configs) if r is not None]
     runs, start_step = {}, {}
@@ -734,6 +744,7 @@ def main(argv=None):
                 c, read_records(metrics), read_evals(metrics), start_step[c["seed"]])
         else:
             print(f"[bench] {c['output_dir']}: not finished, left out", flush=True)
+    say_trusted_by_name()
     if not runs:
         raise SystemExit("no finished run to aggregate")
     result = aggregate(runs, start_step)

@@ -144,6 +144,7 @@ def main(argv=None):
     runs = [config for *_, configs in grid for config in configs.values()]
     for config in runs:  # a run dir holding another setting's run stops the sweep before anything runs
         bench_reward.finished(config)
+    bench_reward.say_trusted_by_name()
 
     def run_point(config):
         if bench_reward.finished(config):

@@ -624,11 +624,17 @@ def test_a_finished_run_is_reused_only_with_the_settings_it_ran_with(tmp_path, c
     out.mkdir()
     config = TrainConfig().to_dict() | {"lr": 1e-5, "iterations": 2, "output_dir": str(out), "threads": 1,
                                         "start_from": str(tmp_path / "start-seed0")}
+    bench_reward._TRUSTED_BY_NAME.clear()  # other tests' runs
     assert not bench_reward.finished(config)  # no metrics yet
     lines = [{"event": "iteration", "iteration": 1, "global_step": 4}, {"event": "eval", "step": 4}]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert bench_reward.finished(config)  # no recorded settings: an older run, trusted by its name
-    assert "reused by its directory name" in capsys.readouterr().out
+    assert bench_reward.finished(config)
+    assert capsys.readouterr().out == ""  # said once, in one line for every such run
+    bench_reward.say_trusted_by_name()
+    bench_reward.say_trusted_by_name()
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 1 and "1 run(s)" in said[0] and said[0].endswith(": zopro-seed0")
     recorded = bench_reward.run_settings(config)
     assert "output_dir" not in recorded and "threads" not in recorded and recorded["lr"] == 1e-5
     (out / bench_reward.RUN_SETTINGS).write_text(json.dumps(recorded))
