@@ -612,7 +612,7 @@ def markdown(result: dict, checks: list[dict], env: dict, config: dict, settings
             unit = p["quantity"].removeprefix("score_at_equal_").replace("_", " ")
             lines.append(f"| {p['versus']} | {unit} | {p['budget']['mean']:.0f} | {p['spent']['mean']:.0f} "
                          f"({p['steps']['mean']:.0f}) | {_ci(p)} | {per} |")
-    lines += ["", "Per seed (held-out score: start → parted → final):", ""]
+    lines += ["", "Per seed (held-out score: start → where the methods part, after the shared iteration 0 → final):", ""]
     for method, m in result["methods"].items():
         per = "; ".join(f"seed {s}: {p['start']:.3f} → {p['parted']:.3f} → {p['final']:.3f}"
                         for s, p in m["per_seed"].items())
