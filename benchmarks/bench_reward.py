@@ -169,7 +169,7 @@ def aggregate(runs: dict[str, dict[int, list[dict]]], start_step: dict[int, int]
     """``runs[method][seed]``: that run's held-out evaluations (the start run's included);
     ``start_step[seed]``: the step at which the methods parted ways."""
     every = [evals for by_seed in runs.values() for evals in by_seed.values()]
-    step_budget = min(evals[-1]["step"] for evals in every)
+    step_budget = last_shared_step(every)
     methods = {}
     for method, by_seed in runs.items():
         per_seed, gain, zo_gain, equal, rows = {}, {}, {}, {}, {}
@@ -199,17 +199,30 @@ def aggregate(runs: dict[str, dict[int, list[dict]]], start_step: dict[int, int]
             "start": mean_std(p["start"] for p in per_seed.values()),
             "final": mean_std(p["final"] for p in per_seed.values()),
         }
-    paired = []
+    # each pair at the last step both evaluated at: a third method that stopped earlier does not pull
+    # ZOPrO − MeZO back, and a pair with no shared evaluation after the start is said, not compared
+    paired, unpaired = [], []
     if "zopro" in runs:
         for other in (m for m in runs if m != "zopro"):
             shared = sorted(set(runs["zopro"]) & set(runs[other]))
+            step = last_shared_step([runs[m][s] for m in ("zopro", other) for s in shared])
+            if step <= max(start_step[s] for s in shared):
+                unpaired.append(other)
+                continue
             paired.append(paired_difference(other, "score_at_equal_steps",
-                                            {s: eval_at(runs["zopro"][s], "step", step_budget) for s in shared},
-                                            {s: eval_at(runs[other][s], "step", step_budget) for s in shared}))
+                                            {s: eval_at(runs["zopro"][s], "step", step) for s in shared},
+                                            {s: eval_at(runs[other][s], "step", step) for s in shared})
+                          | {"step": step})
     for m in methods.values():
         m.pop("final_evals")
     return {"step_budget": step_budget, "start_step": start_step, "methods": methods, "paired": paired,
-            "paired_at_equal_cost": paired_at_equal_cost(runs)}
+            "unpaired_at_equal_steps": unpaired, "paired_at_equal_cost": paired_at_equal_cost(runs)}
+
+
+def last_shared_step(evaluations: list[list[dict]]) -> int:
+    """The last step at which every one of these runs was evaluated (evaluations come after each
+    iteration, so a run's step between two of them has none to compare)."""
+    return max(set.intersection(*({e["step"] for e in evals} for evals in evaluations)))
 
 
 def paired_at_equal_cost(runs: dict[str, dict[int, list[dict]]]) -> list[dict]:
@@ -569,8 +582,8 @@ def markdown(result: dict, checks: list[dict], env: dict, config: dict, settings
     lines = [f"Held-out judge score (judge {config.get('judge')}, {config.get('eval_prompts')} prompts × "
              f"{config.get('num_generations_eval')} samples, paired) on the {config.get('prompts')} task; policy "
              f"{config.get('model')}, LoRA r={config.get('lora_r')}; reward mode **{reward_mode}**; seeds {seeds}.",
-             f"Each seed: a shared first-order iteration 0 (start run), then {result['step_budget']} − start "
-             f"optimisation steps per method ({config.get('steps_per_iteration')} rollouts of "
+             f"Each seed: a shared first-order iteration 0 (start run), then each method's "
+             f"optimisation steps ({config.get('steps_per_iteration')} rollouts of "
              f"{config.get('batch_prompts')} prompts × k={config.get('num_generations')} per iteration, each reused "
              f"num_iterations times). Settings per method (from the validation split): `{json.dumps(settings)}`.",
              "", environment_line(env), ""]
@@ -578,8 +591,8 @@ def markdown(result: dict, checks: list[dict], env: dict, config: dict, settings
         lines += [f"{len(walls)} runs, {sum(walls) / 60:.0f} min in all ({statistics.fmean(walls) / 60:.1f} min "
                   "per run, held-out evaluations and start-up included).", ""]
     lines += ["Intervals: 95 % bootstrap (seeds, then prompts within a seed).", "",
-              "| method | held-out before | after | gain from start | gain over the ZO phase | gain at equal steps "
-              "| training s | gain per hour |", "|---|---|---|---|---|---|---|---|"]
+              "| method | held-out before | after | gain from start | gain over the ZO phase "
+              f"| gain at step {result['step_budget']} (the last all evaluated at) | training s | gain per hour |", "|---|---|---|---|---|---|---|---|"]
     for method, m in result["methods"].items():
         lines.append(f"| {method} | {_pm(m['start'])} | {_pm(m['final'])} | {_ci(m['gain'])} | {_ci(m['phase_gain'])} "
                      f"| {_ci(m['gain_at_equal_steps'])} | {_pm(m['train_seconds'], '.0f')} | {_pm(m['gain_per_hour'])} |")
@@ -597,10 +610,14 @@ def markdown(result: dict, checks: list[dict], env: dict, config: dict, settings
                          f"| {cost['peak_memory_bytes']['mean'] / 2**20:.0f} | {per} |")
     if result["paired"]:
         lines += ["", "Paired on the same held-out prompts and samples (same seed), ZOPrO minus the other, at equal "
-                  f"steps (step {result['step_budget']}):", "", "| versus | difference | per seed |", "|---|---|---|"]
+                  "steps (the last step both evaluated at):", "", "| versus | step | difference | per seed |",
+                  "|---|---|---|---|"]
         for p in result["paired"]:
             per = ", ".join(f"{v:+.3f}" for v in p["per_seed"].values())
-            lines.append(f"| {p['versus']} | {_ci(p)} | {per} |")
+            lines.append(f"| {p['versus']} | {p.get('step', result['step_budget'])} | {_ci(p)} | {per} |")
+    for other in result.get("unpaired_at_equal_steps", []):
+        lines += ["", f"{other} and ZOPrO share no evaluation after the start (their iterations end at other "
+                  "steps): not compared at equal steps; see equal cost below."]
     if result.get("paired_at_equal_cost"):
         lines += ["", "Paired the same way at equal cost: ZOPrO's final evaluation against the other's last "
                   "evaluation within ZOPrO's phase cost in that unit (evaluations are taken after each iteration, "

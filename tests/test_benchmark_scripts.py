@@ -359,24 +359,37 @@ def test_reward_aggregation_matches_hand_computed_values():
     assert adamw["gain"]["mean"] == approx(0.35) == adamw["gain_at_equal_steps"]["mean"]
     assert adamw["phase_gain"]["mean"] == approx(0.2) and adamw["per_seed"][1]["steps"] == 6
     paired = {p["versus"]: p for p in result["paired"]}
-    # ZOPrO − MeZO at step 6: .2 −.2 | .2 .2; ZOPrO − AdamW: −.1 −.3 | −.1 .3
-    assert paired["mezo"]["per_seed"] == {0: approx(0.0), 1: approx(0.2)}
-    assert paired["mezo"]["mean"] == approx(0.1) and paired["mezo"]["quantity"] == "score_at_equal_steps"
-    assert paired["mezo"]["low"] < 0 < paired["mezo"]["high"]
+    # each pair at the last step both evaluated at, whatever AdamW's end: ZOPrO − MeZO at step 8
+    # .3 .3 | .3 .3; ZOPrO − AdamW at step 6: −.1 −.3 | −.1 .3
+    assert paired["mezo"]["per_seed"] == {0: approx(0.3), 1: approx(0.3)} and paired["mezo"]["step"] == 8
+    assert paired["mezo"]["mean"] == approx(0.3) and paired["mezo"]["quantity"] == "score_at_equal_steps"
     assert paired["adamw"]["per_seed"] == {0: approx(-0.2), 1: approx(0.1)} and paired["adamw"]["mean"] == approx(-0.05)
+    assert paired["adamw"]["step"] == 6 and result["unpaired_at_equal_steps"] == []
     json.dumps(result)  # written as the results file
 
     checks = {c["target"]: c["met"] for c in bench_reward.target_checks(result)}
     assert checks == {"adamw held-out gain > 0, interval excluding 0": True,
                       "zopro held-out gain > 0, interval excluding 0": True,
-                      # better on the mean, but the paired interval holds 0
-                      "ZOPrO − MeZO at equal steps > 0, paired interval excluding 0": False}
+                      "ZOPrO − MeZO at equal steps > 0, paired interval excluding 0": True}
+    # better on the mean, but the paired interval holds 0 (AdamW's runs as the MeZO): not met
+    mixed = _synthetic_runs(("zopro", "adamw"))
+    mixed["mezo"] = mixed.pop("adamw")
+    (mixed_check,) = [c for c in bench_reward.target_checks(bench_reward.aggregate(mixed, {0: 4, 1: 4}))
+                      if c["target"].startswith("ZOPrO − MeZO")]
+    assert mixed_check["value"]["low"] < 0 < mixed_check["value"]["high"] and mixed_check["met"] is False
+    # a method whose iterations end elsewhere (here only at step 5) shares no evaluation with ZOPrO after
+    # the start: said, not compared at step 4, and ZOPrO − MeZO stays at step 8
+    short = _synthetic_runs(("zopro", "mezo"))
+    short["zorank"] = {s: START[s] + [_ev(5, 45, [0.9, 0.9])] for s in (0, 1)}
+    with_short = bench_reward.aggregate(short, {0: 4, 1: 4})
+    assert [p["versus"] for p in with_short["paired"]] == ["mezo"] and with_short["paired"][0]["step"] == 8
+    assert with_short["unpaired_at_equal_steps"] == ["zorank"] and with_short["step_budget"] == 4
     # a ZOPrO worse than MeZO (the two swapped): not met
     swapped = _synthetic_runs()
     swapped["zopro"], swapped["mezo"] = swapped["mezo"], swapped["zopro"]
     worse = bench_reward.aggregate(swapped, {0: 4, 1: 4})
     (paired_check,) = [c for c in bench_reward.target_checks(worse) if c["target"].startswith("ZOPrO − MeZO")]
-    assert paired_check["value"]["mean"] == approx(-0.1) and paired_check["met"] is False
+    assert paired_check["value"]["mean"] == approx(-0.3) and paired_check["met"] is False  # at step 8
     # a MeZO 0.1 below ZOPrO on every prompt after the start: met, the interval collapsed on 0.1
     lower = _synthetic_runs(("zopro",))
     lower["mezo"] = {s: START[s] + [_ev(e["step"], e["seconds"], [v - 0.1 for v in e["prompts"]])
@@ -410,13 +423,14 @@ def test_reward_markdown_reports_every_method_and_interval():
     assert rows["zopro"][0].endswith("| 60 ± 0 | 33.000 ± 4.243 |")
     assert "| +0.100 [+0.100, +0.100] | +0.200 [" in rows["mezo"][0]
     assert rows["adamw"][0].startswith("| adamw | 0.150 ± 0.071 | 0.500 ± 0.141 | +0.350 [")
-    # the paired table: ZOPrO − MeZO +0.1 (0 and 0.2 per seed), ZOPrO − AdamW −0.05 (−0.2 and +0.1)
-    assert rows["mezo"][1].startswith("| mezo | +0.100 [") and rows["mezo"][1].endswith("| +0.000, +0.200 |")
-    assert rows["adamw"][1].startswith("| adamw | -0.050 [") and rows["adamw"][1].endswith("| -0.200, +0.100 |")
+    # the paired table, each pair at its last shared step: ZOPrO − MeZO +0.3 at step 8, ZOPrO − AdamW −0.05
+    # (−0.2 and +0.1) at step 6
+    assert rows["mezo"][1].startswith("| mezo | 8 | +0.300 [") and rows["mezo"][1].endswith("| +0.300, +0.300 |")
+    assert rows["adamw"][1].startswith("| adamw | 6 | -0.050 [") and rows["adamw"][1].endswith("| -0.200, +0.100 |")
     assert "- zopro: seed 0: 0.100 → 0.300 → 0.700; seed 1: 0.200 → 0.300 → 0.700" in table
     assert "2 runs, 3 min in all (1.5 min per run" in table and "reward mode **functions**" in table
-    assert '`{"zopro": {"lr": 1e-06}}`' in table and "(step 6)" in table
-    assert table.count("| yes |") == 2 and table.count("| no |") == 1
+    assert '`{"zopro": {"lr": 1e-06}}`' in table and "gain at step 6 (the last all evaluated at)" in table
+    assert table.count("| yes |") == 3 and table.count("| no |") == 0
 
 
 def test_reward_settings_come_from_a_sweep_file_or_plain_json(tmp_path):
