@@ -62,9 +62,10 @@ KEYS: dict[str, tuple[str, str]] = {
              f"{OURS}: TRL calls it `epsilon`; kept as `clip` because `eps` here is the zeroth-order "
              "perturbation ε, and `epsilon` beside `eps` would read as one setting"),
     "normalize_advantages": ("Standardise the advantages over each sampled batch (all processes): (A − mean) / "
-                             "(std + 1e-4). J then reads in units of the batch's spread, not of the reward, so one "
-                             "step size serves a reward model's logits and a judge's [−1, 1] score alike (an lr found "
-                             "without it: × the steps' recorded advantage_std).", SAME),
+                             "(std + 1e-4). J then reads in units of the batch's spread, not of the reward, so a step "
+                             "size means the same step length under a reward model's logits or a judge's [−1, 1] "
+                             "score (an lr found without it × the steps' recorded advantage_std gives the same "
+                             "length; the best length still differed between rewards on the task: sweep).", SAME),
     "logprob_chunk": ("Sequence positions per vocabulary projection (memory of the log-prob pass).", OURS),
     "num_iterations": ("Optimisation steps per sampled rollout (μ); π_old fixed at sampling.", SAME),
     # rewards
