@@ -193,7 +193,7 @@ def test_trimming_bounds_the_estimate_and_its_variance(delta):
     differences = info["_diagnostics"]["differences"]
     assert bool(torch.isfinite(differences).all())
     assert float(differences.abs().max()) <= bound + 1e-12
-    assert set(differences.abs().round(decimals=9).tolist()) == {round(bound, 9)}  # p̂ ∈ {0, 1}: clipped to ±D
+    assert set(differences.abs().tolist()) == {bound}  # p̂ ∈ {0, 1}: clipped to exactly ±D
     mu = eps * math.sqrt(K)
     per_prompt_norm = differences.abs() * float(z.norm()) / eps  # ‖ĝ_i‖ of one prompt's estimate
     assert float(per_prompt_norm.max()) <= K * bound / mu * (1 + 1e-9)
@@ -211,6 +211,25 @@ def test_ties_count_half_and_unanswered_pairs_are_dropped():
     assert values[0] == pytest.approx(math.log(1.5 / 2.5)) and values[1] == 0.0
     assert math.isnan(values[2]) and values[3] == pytest.approx(math.log(0.9 / 0.1))
 
+
+
+@pytest.mark.parametrize("link", ["bt", "weibull"])
+def test_swapping_the_pair_negates_the_estimate_exactly(link):
+    """A won and a lost pair cancel to exactly 0, and the clipped values are exactly ±D, so a step
+    whose verdicts balance does not move θ (p̂ and 1 − p̂ computed naively differ by ~1e-16)."""
+    verdicts = torch.randint(-1, 3, (400, 5), generator=torch.Generator().manual_seed(0))
+    swapped = torch.where(verdicts == 0, 1, torch.where(verdicts == 1, 0, verdicts))
+    for delta in (0.05, 0.1, 0.3):
+        values = trimmed_value_differences(Comparisons.from_verdicts(verdicts), delta, link)
+        mirrored = trimmed_value_differences(Comparisons.from_verdicts(swapped), delta, link)
+        answered = torch.isfinite(values)
+        assert torch.equal(answered, torch.isfinite(mirrored)) and bool(answered.any())
+        assert torch.equal(values[answered], -mirrored[answered])
+        bound = link_bound(delta, link)
+        assert float(values[answered].abs().max()) == bound
+        assert bound == pytest.approx(float(inverse_link(torch.tensor(1.0 - delta, dtype=torch.float64), link)), rel=1e-12)
+        won_and_lost = trimmed_value_differences(Comparisons.from_verdicts(torch.tensor([[0], [1]])), delta, link)
+        assert float(won_and_lost.sum()) == 0.0 and won_and_lost.tolist() == [bound, -bound]
 
 # -- ZBCPG: blocks -------------------------------------------------------------------------------
 

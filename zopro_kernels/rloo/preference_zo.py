@@ -47,17 +47,23 @@ PUBLISHED = {"zpg": "sphere", "zbcpg": "sphere", "zorank": "gaussian"}
 
 
 def link_bound(delta: float, link: str = "bt", shape: float = 2.0) -> float:
-    """D = F⁻¹(1 − δ): the largest |Δ̂| trimming to [δ, 1 − δ] allows."""
-    return float(inverse_link(torch.tensor(1.0 - delta, dtype=torch.float64), link, shape))
+    """D = F⁻¹(1 − δ) = −F⁻¹(δ): the largest |Δ̂| trimming to [δ, 1 − δ] allows."""
+    return -float(inverse_link(torch.tensor(delta, dtype=torch.float64), link, shape))
 
 
 def trimmed_value_differences(comparisons: Comparisons, delta: float, link: str = "bt",
                               shape: float = 2.0) -> torch.Tensor:
     """Δ̂ per pair: F⁻¹(clip(p̂, δ, 1 − δ)) with p̂ the first response's share of the answered queries
-    (a tie counts half to each); NaN where no query was answered."""
+    (a tie counts half to each); NaN where no query was answered.
+
+    F⁻¹ is odd about ½, so Δ̂ is taken as ∓F⁻¹ of the smaller of the two responses' shares: in floating
+    point 1 − p̂ is not always the second response's share, and this way swapping the pair negates Δ̂
+    exactly and a won and a lost pair cancel to 0 (not to ±1e-16)."""
     answered = comparisons.answered
-    share = (comparisons.first_wins + 0.5 * comparisons.ties) / answered.clamp(min=1.0)
-    value = inverse_link(share.clamp(delta, 1.0 - delta), link, shape)
+    first = (comparisons.first_wins + 0.5 * comparisons.ties) / answered.clamp(min=1.0)
+    second = (comparisons.second_wins + 0.5 * comparisons.ties) / answered.clamp(min=1.0)
+    magnitude = inverse_link(torch.minimum(first, second).clamp(delta, 0.5), link, shape).abs()  # F⁻¹ ≤ 0 there
+    value = torch.sign(first - second) * magnitude
     return torch.where(answered > 0, value, math.nan)
 
 
