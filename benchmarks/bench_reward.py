@@ -699,6 +699,9 @@ def parse_args(argv):
     parser.add_argument("--zo-iterations-of", nargs="*", default=[], metavar="METHOD=N",
                         help="a method's own --zo-iterations, e.g. zpg=2: a method cheaper per step run until it "
                              "has spent what ZOPrO spends, for the comparison at equal judge queries")
+    parser.add_argument("--run-name-of", nargs="*", default=[], metavar="METHOD=NAME",
+                        help="a method's runs as NAME-seed<N> in --runs-dir (default METHOD-seed<N>), e.g. "
+                             "zpg=zpg-two-sided: a variant of its settings beside the start and the other runs")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-reward"))
@@ -718,6 +721,28 @@ def parse_zo_iterations_of(items: list[str]) -> dict[str, int]:
             raise SystemExit(f"--zo-iterations-of {item!r}: expected METHOD=N with METHOD one of {METHODS}, N ≥ 1")
         parsed[method] = int(count)
     return parsed
+
+
+def parse_run_names_of(items: list[str], methods: list[str]) -> dict[str, str]:
+    """``METHOD=NAME`` pairs; a name must be a plain directory name and take no other run's place
+    (the start's, another method's default, or another method's given name)."""
+    names = {}
+    for item in items:
+        method, _, name = item.partition("=")
+        if method not in METHODS or not name or name.startswith(".") \
+                or not all(ch.isalnum() or ch in "._-" for ch in name):
+            raise SystemExit(f"--run-name-of {item!r}: expected METHOD=NAME with METHOD one of {METHODS} and NAME "
+                             "of letters, digits, '.', '_', '-'")
+        if name != method and name in ("start", *METHODS):
+            raise SystemExit(f"--run-name-of: {method}'s runs would be named {name!r}, the name of {name}'s runs")
+        names[method] = name
+    taken = {}
+    for method in methods:
+        name = names.get(method, method)
+        if name in taken:
+            raise SystemExit(f"--run-name-of: {method}'s runs would be named {name!r}, as {taken[name]}'s are")
+        taken[name] = method
+    return names
 
 
 def load_settings(path: str | None) -> dict:
@@ -742,7 +767,8 @@ def main(argv=None):
     start_set = start_overrides(args.start_set)
     starts = {s: start_config(base, start_set, s, runs_dir, args.threads) for s in args.seeds}
     zo_iterations = {m: args.zo_iterations for m in args.methods} | parse_zo_iterations_of(args.zo_iterations_of)
-    configs = [method_config(base, settings, m, s, runs_dir, args.threads, zo_iterations[m])
+    run_names = parse_run_names_of(args.run_name_of, args.methods)
+    configs = [method_config(base, settings, m, s, runs_dir, args.threads, zo_iterations[m], name=run_names.get(m))
                for s in args.seeds for m in args.methods]
     started = time.perf_counter()
     if not args.aggregate_only:

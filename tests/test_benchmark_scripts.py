@@ -577,6 +577,11 @@ def test_bench_reward_and_sweep_share_the_start_run(tmp_path):
 
     again = bench_reward.main(args + ["--aggregate-only"])  # reads the finished runs, runs nothing
     assert json.dumps(again) == json.dumps(result)
+    # a method's runs under another name (a variant of its settings beside the others)
+    (here / "mezo-seed3").rename(here / "mezo-variant-seed3")
+    renamed = bench_reward.main(args + ["--aggregate-only", "--run-name-of", "mezo=mezo-variant"])
+    assert json.dumps(renamed["paired"]) == json.dumps(result["paired"])
+    (here / "mezo-variant-seed3").rename(here / "mezo-seed3")
     # each run records its settings; asking for other settings in the same runs dir stops before anything runs
     assert json.loads((here / "zopro-seed3" / bench_reward.RUN_SETTINGS).read_text())["eps"] == 0.01
     with pytest.raises(SystemExit, match=r"start-seed3 holds a run with other settings \(eps differ"):
@@ -876,3 +881,10 @@ def test_costs_at_each_evaluation_and_the_comparison_at_equal_cost():
     for bad in (["zpg"], ["zpg=0"], ["sgd=2"]):
         with pytest.raises(SystemExit, match="METHOD=N"):
             bench_reward.parse_zo_iterations_of(bad)
+    assert bench_reward.parse_run_names_of(["zpg=zpg-two-sided"], ["zopro", "zpg"]) == {"zpg": "zpg-two-sided"}
+    for bad in (["zpg"], ["zpg="], ["start=x"], ["zpg=../x"], ["zpg=.hidden"], ["zpg=a b"]):
+        with pytest.raises(SystemExit, match="METHOD=NAME"):
+            bench_reward.parse_run_names_of(bad, ["zpg"])
+    for bad in (["zpg=start"], ["zpg=zopro"], ["zpg=x", "mezo=x"]):
+        with pytest.raises(SystemExit, match="would be named"):
+            bench_reward.parse_run_names_of(bad, ["zopro", "mezo", "zpg"])
