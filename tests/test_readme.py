@@ -71,3 +71,50 @@ def test_ci_runs_exactly_the_readme_install_and_test_commands():
     quiet = lambda command: command.replace(" -q ", " ")  # noqa: E731 - CI may add pip's -q
     assert "python -m " + quiet(install) in ci_lines  # the same install, through the venv's python
     assert quiet(test) in ci_lines
+
+
+class _Parsed(Exception):
+    """Raised once a script's command line parsed: the script itself is not run."""
+
+
+def benchmark_commands(text: str) -> list[list[str]]:
+    """Each ``python benchmarks/<script>.py ARGS`` of the page's bash blocks as [script, *ARGS]
+    (continuation lines joined, comments dropped)."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("#") or "python benchmarks/" not in line:
+                continue
+            script, *args = shlex.split(line[line.index("python benchmarks/") + len("python "):])
+            commands.append([Path(script).stem, *args])
+    return commands
+
+
+def test_the_benchmark_commands_in_the_docs_parse(monkeypatch):
+    """Every benchmark command README.md and docs/ show takes the flags and values it is shown with
+    (the scripts' own parsers, stopped before they run anything)."""
+    import argparse
+    import importlib
+    import sys
+
+    commands = [c for page in [README, *sorted(DOCS.glob("*.md"))] for c in benchmark_commands(page.read_text())]
+    assert len(commands) >= 15 and {"bench_reward", "sweep", "bench_passes"} <= {c[0] for c in commands}
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse(self, args, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.syspath_prepend(str(README.parent / "benchmarks"))
+    for script, *args in commands:
+        module = importlib.import_module(script)
+        with pytest.raises(_Parsed):
+            try:
+                module.main(args)
+            except SystemExit as exit:
+                raise AssertionError(f"python benchmarks/{script}.py {' '.join(args)}: {exit}") from None
+    assert "bench_reward" in sys.modules
