@@ -118,3 +118,41 @@ def test_the_benchmark_commands_in_the_docs_parse(monkeypatch):
             except SystemExit as exit:
                 raise AssertionError(f"python benchmarks/{script}.py {' '.join(args)}: {exit}") from None
     assert "bench_reward" in sys.modules
+
+
+def train_commands(text: str) -> list[list[str]]:
+    """Each ``zopro-train ARGS`` of the page's bash blocks as ARGS (continuation lines joined, comments
+    dropped). ``zopro-train ... --set K=V ...`` stands for the block's previous command with more
+    overrides: its ``...`` are filled in so."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        previous = None
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if not line.startswith("zopro-train"):
+                continue
+            args = shlex.split(line)[1:]
+            if args[:1] == ["..."]:
+                assert previous and previous.count("--set") == 1 and args[1:2] == ["--set"], line
+                args = previous + [arg for arg in args[2:] if arg != "..."]
+            commands.append(args)
+            previous = args
+    return commands
+
+
+def test_the_train_commands_in_the_docs_make_valid_configs(monkeypatch):
+    """Every ``zopro-train`` command README.md and docs/ show builds a valid config: its keys exist,
+    its values check (the loop itself stopped before it loads anything)."""
+    from zopro_kernels.rloo import cli
+
+    commands = [c for page in [README, *sorted(DOCS.glob("*.md"))] for c in train_commands(page.read_text())]
+    assert len(commands) >= 8
+    built = []
+    monkeypatch.setattr(cli, "train", lambda config, **_: built.append(config))
+    monkeypatch.chdir(README.parent)
+    for args in commands:
+        assert cli.main(args) == 0, f"zopro-train {' '.join(args)}"
+    assert len(built) == len(commands)
+    assert {c.optimizer for c in built} >= {"zopro", "mezo", "zpg", "zbcpg", "zorank"}
