@@ -614,8 +614,8 @@ def markdown(result: dict, checks: list[dict], env: dict, config: dict, settings
                   "|---|---|---|---|"]
         for p in result["paired"]:
             per = ", ".join(f"{v:+.3f}" for v in p["per_seed"].values())
-            lines.append(f"| {p['versus']} | {p.get('step', result['step_budget'])} | {_ci(p)} | {per} |")
-    for other in result.get("unpaired_at_equal_steps", []):
+            lines.append(f"| {p['versus']} | {p['step']} | {_ci(p)} | {per} |")
+    for other in result["unpaired_at_equal_steps"]:
         lines += ["", f"{other} and ZOPrO share no evaluation after the start (their iterations end at other "
                   "steps): not compared at equal steps; see equal cost below."]
     if result.get("paired_at_equal_cost"):

@@ -58,8 +58,15 @@ def test_docs_analysis_examples_run(tmp_path, monkeypatch):
 
 
 def shell_commands(text: str) -> list[str]:
-    return [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-            for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    """The page's bash blocks, a command a line (continuation lines joined, comments dropped)."""
+    lines = [line.split(" #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def docs_commands() -> list[str]:
+    """Every shell command README.md and the docs pages show."""
+    return [c for page in [README, *sorted(DOCS.glob("*.md"))] for c in shell_commands(page.read_text())]
 
 
 def test_ci_runs_exactly_the_readme_install_and_test_commands():
@@ -77,20 +84,16 @@ class _Parsed(Exception):
     """Raised once a script's command line parsed: the script itself is not run."""
 
 
-def benchmark_commands(text: str) -> list[list[str]]:
-    """Each ``python benchmarks/<script>.py ARGS`` of the page's bash blocks as [script, *ARGS]
-    (continuation lines joined, comments dropped)."""
+def benchmark_commands(commands: list[str]) -> list[list[str]]:
+    """Each ``python benchmarks/<script>.py ARGS`` among ``commands`` as [script, *ARGS]."""
     import shlex
 
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
-            if line.startswith("#") or "python benchmarks/" not in line:
-                continue
+    found = []
+    for line in commands:
+        if "python benchmarks/" in line:
             script, *args = shlex.split(line[line.index("python benchmarks/") + len("python "):])
-            commands.append([Path(script).stem, *args])
-    return commands
+            found.append([Path(script).stem, *args])
+    return found
 
 
 def test_the_benchmark_commands_in_the_docs_parse(monkeypatch):
@@ -100,7 +103,7 @@ def test_the_benchmark_commands_in_the_docs_parse(monkeypatch):
     import importlib
     import sys
 
-    commands = [c for page in [README, *sorted(DOCS.glob("*.md"))] for c in benchmark_commands(page.read_text())]
+    commands = benchmark_commands(docs_commands())
     assert len(commands) >= 15 and {"bench_reward", "sweep", "bench_passes"} <= {c[0] for c in commands}
     parse = argparse.ArgumentParser.parse_args
 
@@ -120,26 +123,22 @@ def test_the_benchmark_commands_in_the_docs_parse(monkeypatch):
     assert "bench_reward" in sys.modules
 
 
-def train_commands(text: str) -> list[list[str]]:
-    """Each ``zopro-train ARGS`` of the page's bash blocks as ARGS (continuation lines joined, comments
-    dropped). ``zopro-train ... --set K=V ...`` stands for the block's previous command with more
-    overrides: its ``...`` are filled in so."""
+def train_commands(commands: list[str]) -> list[list[str]]:
+    """Each ``zopro-train ARGS`` among ``commands`` as ARGS. ``zopro-train ... --set K=V ...`` stands
+    for the previous one with more overrides: its ``...`` are filled in so."""
     import shlex
 
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        previous = None
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
-            if not line.startswith("zopro-train"):
-                continue
-            args = shlex.split(line)[1:]
-            if args[:1] == ["..."]:
-                assert previous and previous.count("--set") == 1 and args[1:2] == ["--set"], line
-                args = previous + [arg for arg in args[2:] if arg != "..."]
-            commands.append(args)
-            previous = args
-    return commands
+    found = []
+    for line in commands:
+        if not line.startswith("zopro-train"):
+            continue
+        args = shlex.split(line)[1:]
+        if args[:1] == ["..."]:
+            previous = found[-1] if found else []
+            assert previous.count("--set") == 1 and args[1:2] == ["--set"], line
+            args = previous + [arg for arg in args[2:] if arg != "..."]
+        found.append(args)
+    return found
 
 
 def test_the_train_commands_in_the_docs_make_valid_configs(monkeypatch):
@@ -147,7 +146,7 @@ def test_the_train_commands_in_the_docs_make_valid_configs(monkeypatch):
     its values check (the loop itself stopped before it loads anything)."""
     from zopro_kernels.rloo import cli
 
-    commands = [c for page in [README, *sorted(DOCS.glob("*.md"))] for c in train_commands(page.read_text())]
+    commands = train_commands(docs_commands())
     assert len(commands) >= 8
     built = []
     monkeypatch.setattr(cli, "train", lambda config, **_: built.append(config))

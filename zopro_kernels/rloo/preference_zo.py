@@ -60,8 +60,9 @@ def trimmed_value_differences(comparisons: Comparisons, delta: float, link: str 
     point 1 − p̂ is not always the second response's share, and this way swapping the pair negates Δ̂
     exactly and a won and a lost pair cancel to 0 (not to ±1e-16)."""
     answered = comparisons.answered
-    first = (comparisons.first_wins + 0.5 * comparisons.ties) / answered.clamp(min=1.0)
-    second = (comparisons.second_wins + 0.5 * comparisons.ties) / answered.clamp(min=1.0)
+    queries = answered.clamp(min=1.0)
+    first = (comparisons.first_wins + 0.5 * comparisons.ties) / queries
+    second = (comparisons.second_wins + 0.5 * comparisons.ties) / queries
     magnitude = inverse_link(torch.minimum(first, second).clamp(delta, 0.5), link, shape).abs()  # F⁻¹ ≤ 0 there
     value = torch.sign(first - second) * magnitude
     return torch.where(answered > 0, value, math.nan)
